@@ -1,0 +1,119 @@
+"""One config for every script: presets (`--config toy` is the CPU default), flags derived from the fields,
+device choice, and atomic checkpoints that carry their config.
+
+Each field of `Config` is a flag (`--tok-steps 500`); its help is the field's comment. A preset only overrides
+some fields; the rest keep the defaults written here.
+"""
+import argparse
+import dataclasses
+import os
+import random
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+
+import numpy as np
+import torch
+
+
+def _f(default, help):
+    return field(default=default, metadata={"help": help})
+
+
+@dataclass
+class Config:
+    # data (Moving MNIST, data.py)
+    size: int = _f(64, "frame side in pixels")
+    frames: int = _f(13, "frames per training clip (1 + ft*k)")
+    num_digits: int = _f(2, "digits per clip")
+    speed: float = _f(3.6, "digit speed in pixels per frame")
+    data_dir: str = _f("", "directory with full MNIST IDX files (default: ~/.cache/videoar/mnist)")
+    # tokenizer (tokenizer.py)
+    ft: int = _f(4, "frames per latent frame (temporal compression)")
+    down: int = _f(8, "spatial compression: 4, 8 or 16")
+    patch: int = _f(4, "tokenizer stem pixel-unshuffle factor (1, 2 or 4)")
+    width: int = _f(32, "tokenizer conv width at the stem, doubled at each downsampling")
+    z_channels: int = _f(16, "latent channels")
+    vocab: int = _f(1024, "codebook size")
+    scales: str = _f("", "comma-separated scale sides, e.g. 1,2,4,8 (default: powers of 2 up to the latent side)")
+    tok_steps: int = _f(1000, "tokenizer training steps")
+    tok_batch: int = _f(16, "tokenizer batch size (clips)")
+    tok_frames: int = _f(5, "frames per tokenizer training clip (1 + ft*k); the AE is causal conv, any length works")
+    tok_lr: float = _f(3e-3, "tokenizer learning rate")
+    eval_every: int = _f(250, "steps between held-out evaluations")
+    eval_clips: int = _f(32, "held-out clips for evaluation")
+
+    def tokenizer_config(self):
+        from tokenizer import TokenizerConfig
+        scales = tuple(int(s) for s in self.scales.split(",")) if self.scales else ()
+        return TokenizerConfig(channels=1, ft=self.ft, down=self.down, patch=self.patch, width=self.width,
+                               z_channels=self.z_channels, vocab=self.vocab, scales=scales)
+
+    def mm_config(self, frames=None):
+        from data import MovingMNISTConfig
+        return MovingMNISTConfig(size=self.size, frames=frames or self.frames, num_digits=self.num_digits,
+                                 speed=self.speed)
+
+
+PRESETS = {
+    "toy": {},  # the defaults above: 64x64, 13 frames, 4 x 8x8 latent, minutes on a 2-core CPU
+    "tiny": dict(tok_steps=40, tok_batch=4, eval_every=20, eval_clips=4, width=16, vocab=256),   # tests and smoke runs
+    "paper": dict(down=16, patch=4, width=128, z_channels=32, vocab=4096, tok_steps=50000, tok_batch=32, tok_frames=17,
+                  eval_every=2000, eval_clips=256),  # paper A's 16x spatial compression; needs a GPU
+}
+
+
+def parser(description):
+    """argparse parser with --config, --out, --seed, --device and one flag per Config field."""
+    p = argparse.ArgumentParser(description=description, allow_abbrev=False,
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--config", default="toy", choices=sorted(PRESETS), help="preset; flags below override it")
+    p.add_argument("--seed", type=int, default=0, help="random seed")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="cpu or cuda[:i]")
+    g = p.add_argument_group("config fields (override the preset)")
+    for f in fields(Config):
+        g.add_argument("--" + f.name.replace("_", "-"), type=type(f.default), default=None, help=f.metadata["help"])
+    return p
+
+
+def config_from_args(args):
+    cfg = Config(**PRESETS[args.config])
+    over = {f.name: getattr(args, f.name) for f in fields(Config) if getattr(args, f.name) is not None}
+    return dataclasses.replace(cfg, **over)
+
+
+def seed_everything(seed):
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+# --------------------------------------------------------------------------------------------- checkpoints
+def save_checkpoint(path, **state):
+    """Write atomically: a crash mid-save leaves the previous checkpoint intact."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".part")
+    torch.save(state, tmp)
+    os.replace(tmp, path)
+
+
+def load_checkpoint(path, expect_config=None, keys=()):
+    """Load a checkpoint; with expect_config, refuse one written under different config fields `keys`."""
+    path = Path(path)
+    if not path.exists():
+        raise FileNotFoundError(f"no checkpoint at {path}")
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=False)
+    except Exception as e:
+        raise RuntimeError(f"{path} is not a readable checkpoint ({type(e).__name__}: {e}); "
+                           f"delete it or point --out elsewhere") from e
+    if not isinstance(state, dict) or "config" not in state:
+        raise RuntimeError(f"{path} is not a checkpoint of this project (no config inside)")
+    if expect_config is not None:
+        saved = state["config"]
+        diff = {k: (saved.get(k), getattr(expect_config, k)) for k in keys if saved.get(k) != getattr(expect_config, k)}
+        if diff:
+            raise RuntimeError(f"{path} was written with a different config: "
+                               + ", ".join(f"{k}={a!r} there, {b!r} now" for k, (a, b) in diff.items())
+                               + ". Use the same flags, or another --out.")
+    return state

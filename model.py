@@ -1,0 +1,261 @@
+"""One transformer for both papers; what differs between them is the order of units and the head.
+
+Reading guide (paper -> code):
+  * Prediction units and their order (paper B Sec. 3.2; paper A's (frame, scale) blocks): `frame_scale_layout`,
+    `partition` / `merge`. A unit is a set of latent tokens; every token carries its unit's order index.
+  * Masks from unit order (paper B Fig. 3, Sec. 3.3): `unit_mask` -- full, forward (sees units <= own) or
+    backward (units >= own); bidirectional inside a unit. Paper A's "VAR inside a frame, causal across frames"
+    is the forward mask over (frame, scale) units.
+  * Multi-scale Temporal RoPE (paper A Sec. 3.2): `rope` -- every token is rotated by its physical (t, h, w) on
+    the finest latent grid; a coarse-scale token sits at the centre of the region it covers. Attention scores
+    depend only on position differences, so the same weights serve any unit type, resolution and length.
+  * KV cache, rolling (paper B Sec. 3.4): `KVCache` -- keys are cached before rotation with their positions and
+    rotated at use relative to the oldest cached frame, so after evicting old units the model sees the same
+    relative offsets at frame 10 and at frame 10 000.
+  * AdaLN conditioning on the prompt with a learned null condition for CFG (DiT, Peebles & Xie 2023), plus a
+    per-token flow-matching time for paper B (units may sit at different noise levels).
+Shapes: B batch, L tokens, C model width, H heads, D head dim, c latent channels.
+"""
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from einops import rearrange
+
+
+@dataclass
+class ModelConfig:
+    dim: int = 192
+    depth: int = 6
+    heads: int = 6
+    in_channels: int = 16      # latent channels c of the tokens fed in
+    vocab: int = 0             # > 0: discrete head over codes (paper A); 0: continuous velocity head (paper B)
+    num_classes: int = 10      # prompt vocabulary: the digits
+    mlp_ratio: float = 4.0
+    rope_base: float = 100.0   # RoPE wavelengths up to 2*pi*base positions; latent grids are small
+
+
+# ------------------------------------------------------------------------------------- units and masks
+def unit_mask(uq, uk, kind, noisy_q=None, noisy_k=None):
+    """May query i attend to key j? uq [Lq], uk [Lk] unit order indices -> bool [Lq, Lk].
+
+    kind: 'full' (all see all), 'forward' (uk <= uq), 'backward' (uk >= uq). Inside a unit: bidirectional.
+    With noisy_q / noisy_k (bool flags; teacher forcing for paper B's causal student): a clean token follows
+    `kind` among clean tokens; a noisy token sees the clean tokens of strictly earlier units and the noisy tokens
+    of its own unit -- exactly what it sees at inference, where earlier units are clean in the KV cache.
+    """
+    uq, uk = uq[:, None], uk[None, :]
+    base = {"full": torch.ones_like(uq == uk), "forward": uk <= uq, "backward": uk >= uq}[kind]
+    if noisy_q is None:
+        return base
+    nq, nk = noisy_q[:, None], noisy_k[None, :]
+    earlier = {"forward": uk < uq, "backward": uk > uq, "full": uk != uq}[kind]
+    return torch.where(nq, torch.where(nk, uk == uq, earlier), ~nk & base)
+
+
+def centres(s, side):
+    """Centres of s equal cells on a line of `side` fine-grid cells, in fine-grid coordinates: [s]."""
+    return (torch.arange(s, dtype=torch.float32) + 0.5) * side / s - 0.5
+
+
+def grid_positions(ts, s, side):
+    """Physical (t, h, w) of an s x s grid over a side x side latent, for each frame in ts -> [len(ts)*s*s, 3]."""
+    c = centres(s, side)
+    t, h, w = torch.meshgrid(torch.as_tensor(ts, dtype=torch.float32), c, c, indexing="ij")
+    return torch.stack([t, h, w], -1).view(-1, 3)
+
+
+def frame_scale_layout(frames, scales, side):
+    """Paper A: units (frame t, scale k) in frame-major order, unit index t*K + k.
+
+    Returns pos [L, 3] (physical positions), unit [L] (order index), frame [L]. L = frames * sum_k s_k^2.
+    """
+    pos, unit, frame = [], [], []
+    for t in range(frames):
+        for k, s in enumerate(scales):
+            pos.append(grid_positions([t], s, side))
+            unit.append(torch.full((s * s,), t * len(scales) + k))
+            frame.append(torch.full((s * s,), t))
+    return torch.cat(pos), torch.cat(unit), torch.cat(frame)
+
+
+# ---------------------------------------------------------------------------------------------------- RoPE
+def rope(x, pos, base):
+    """Rotate x [B,H,L,D] by 3D positions pos [L,3] (paper A's Multi-scale Temporal RoPE).
+
+    The D/2 rotation pairs are split between t, h and w (t gets the remainder); pair i of an axis turns by
+    pos_axis * base^(-i/n_axis). Positions are floats: coarse-scale tokens sit between fine-grid cells.
+    """
+    d2 = x.shape[-1] // 2
+    n_s = d2 // 3
+    sizes = (d2 - 2 * n_s, n_s, n_s)
+    ang = torch.cat([pos[:, a:a + 1].to(x.device, torch.float32)
+                     * base ** (-torch.arange(n, device=x.device, dtype=torch.float32) / n)
+                     for a, n in enumerate(sizes)], -1)                    # [L, D/2]
+    cos, sin = ang.cos().to(x.dtype), ang.sin().to(x.dtype)
+    x1, x2 = x[..., 0::2], x[..., 1::2]
+    return torch.stack([x1 * cos - x2 * sin, x1 * sin + x2 * cos], -1).flatten(-2)
+
+
+# ------------------------------------------------------------------------------------------------ KV cache
+class KVCache:
+    """Per-layer keys (before rotation) and values of finished tokens, with their positions and unit indices.
+
+    `append=False` forwards attend to the cache without adding to it (paper B's denoising steps); a clean
+    re-forward with `append=True` then writes the finished unit. `evict(max_units)` drops the oldest units
+    (rolling cache, paper B Sec. 3.4); positions are re-based at every use (see `time_base`).
+    """
+
+    def __init__(self, depth):
+        self.k, self.v = [None] * depth, [None] * depth
+        self.pos = torch.zeros(0, 3)
+        self.unit = torch.zeros(0, dtype=torch.long)
+
+    def __len__(self):
+        return len(self.unit)
+
+    def time_base(self, new_pos):
+        """Smallest frame index in view. Subtracting it keeps RoPE angles bounded by the context length."""
+        return torch.cat([self.pos[:, 0], new_pos[:, 0].cpu()]).min()
+
+    def num_units(self):
+        return len(torch.unique(self.unit))
+
+    def evict(self, max_units):
+        """Keep only the newest `max_units` units."""
+        units = torch.unique(self.unit)
+        if len(units) <= max_units:
+            return
+        keep = self.unit >= units[-max_units]
+        idx = keep.nonzero().squeeze(1)
+        self.pos, self.unit = self.pos[keep], self.unit[keep]
+        for i in range(len(self.k)):
+            self.k[i] = self.k[i].index_select(2, idx.to(self.k[i].device))
+            self.v[i] = self.v[i].index_select(2, idx.to(self.v[i].device))
+
+
+# ----------------------------------------------------------------------------------------------- the blocks
+def modulate(x, shift, scale):
+    return x * (1 + scale) + shift
+
+
+class Attention(nn.Module):
+    def __init__(self, cfg):
+        super().__init__()
+        self.h = cfg.heads
+        self.qkv = nn.Linear(cfg.dim, 3 * cfg.dim)
+        self.proj = nn.Linear(cfg.dim, cfg.dim)
+        d = cfg.dim // cfg.heads
+        self.q_norm, self.k_norm = nn.RMSNorm(d), nn.RMSNorm(d)   # q/k normalisation keeps logits bounded
+        self.base = cfg.rope_base
+
+    def forward(self, x, pos, mask, cache=None, layer=0, append=False, t0=0.0):
+        """x [B,L,C], pos [L,3] (time already re-based by t0 for the new tokens), mask [Lq, Lk] or [B,1,Lq,Lk]."""
+        q, k, v = rearrange(self.qkv(x), "b l (three h d) -> three b h l d", three=3, h=self.h)
+        q, k = self.q_norm(q), self.k_norm(k)
+        k_all, v_all, pos_k = k, v, pos
+        if cache is not None and cache.k[layer] is not None:
+            k_all = torch.cat([cache.k[layer], k], 2)
+            v_all = torch.cat([cache.v[layer], v], 2)
+            pos_k = torch.cat([cache.pos - torch.tensor([t0, 0.0, 0.0]), pos.cpu()]).to(pos.device)
+        if cache is not None and append:
+            cache.k[layer], cache.v[layer] = k_all, v_all
+        q, k_all = rope(q, pos, self.base), rope(k_all, pos_k, self.base)
+        o = F.scaled_dot_product_attention(q, k_all, v_all, attn_mask=mask)
+        return self.proj(rearrange(o, "b h l d -> b l (h d)"))
+
+
+class Block(nn.Module):
+    """Pre-norm transformer block with AdaLN-Zero modulation from the condition (DiT)."""
+
+    def __init__(self, cfg):
+        super().__init__()
+        self.norm1 = nn.LayerNorm(cfg.dim, elementwise_affine=False, eps=1e-6)
+        self.attn = Attention(cfg)
+        self.norm2 = nn.LayerNorm(cfg.dim, elementwise_affine=False, eps=1e-6)
+        hidden = int(cfg.dim * cfg.mlp_ratio)
+        self.mlp = nn.Sequential(nn.Linear(cfg.dim, hidden), nn.GELU(approximate="tanh"), nn.Linear(hidden, cfg.dim))
+        self.ada = nn.Linear(cfg.dim, 6 * cfg.dim)
+        nn.init.zeros_(self.ada.weight)
+        nn.init.zeros_(self.ada.bias)
+
+    def forward(self, x, c, pos, mask, **kw):  # x [B,L,C], c [B,1 or L,C]
+        sh1, sc1, g1, sh2, sc2, g2 = self.ada(F.silu(c)).chunk(6, -1)
+        x = x + g1 * self.attn(modulate(self.norm1(x), sh1, sc1), pos, mask, **kw)
+        return x + g2 * self.mlp(modulate(self.norm2(x), sh2, sc2))
+
+
+def timestep_embedding(t, dim):
+    """Sinusoidal embedding of flow times t [...] in [0, 1] -> [..., dim]."""
+    half = dim // 2
+    freqs = torch.exp(-math.log(10000) * torch.arange(half, device=t.device, dtype=torch.float32) / half)
+    ang = 1000 * t.float()[..., None] * freqs
+    return torch.cat([ang.cos(), ang.sin()], -1)
+
+
+class Transformer(nn.Module):
+    """Tokens [B,L,c] (latent features) + positions + unit order + prompt -> logits [B,L,vocab] or velocity [B,L,c]."""
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.cfg = cfg
+        self.inp = nn.Linear(cfg.in_channels, cfg.dim)
+        self.start = nn.Parameter(torch.randn(cfg.dim) * 0.02)     # start-token embedding (paper A, scale 1)
+        self.digit = nn.Embedding(cfg.num_classes, cfg.dim)
+        self.null = nn.Parameter(torch.randn(cfg.dim) * 0.02)      # the dropped prompt, for CFG
+        self.time = nn.Sequential(nn.Linear(cfg.dim, cfg.dim), nn.SiLU(), nn.Linear(cfg.dim, cfg.dim))
+        self.blocks = nn.ModuleList(Block(cfg) for _ in range(cfg.depth))
+        self.norm = nn.LayerNorm(cfg.dim, elementwise_affine=False, eps=1e-6)
+        self.ada_out = nn.Linear(cfg.dim, 2 * cfg.dim)
+        self.head = nn.Linear(cfg.dim, cfg.vocab or cfg.in_channels)
+        nn.init.zeros_(self.ada_out.weight)
+        nn.init.zeros_(self.ada_out.bias)
+        nn.init.zeros_(self.head.weight)
+        nn.init.zeros_(self.head.bias)
+
+    def condition(self, prompt, drop=None):
+        """prompt [B, n_digits] long -> [B,1,C]: sum of digit embeddings (order-free), or null where drop [B]."""
+        c = self.digit(prompt).sum(1)
+        if drop is not None:
+            c = torch.where(drop[:, None], self.null.to(c.dtype).expand_as(c), c)
+        return c[:, None]
+
+    def forward(self, x, pos, unit, prompt, mask="forward", t=None, drop=None, cache=None, append=False,
+                start=None, noisy=None, hide=None):
+        """
+        x      [B,L,c] token features (paper A: next-scale inputs; paper B: latent, noisy or clean)
+        pos    [L,3]   physical (t,h,w);  unit [L] unit order index
+        prompt [B,n]   digits;  drop [B] bool: use the null condition (CFG / condition dropout)
+        mask   'full' | 'forward' | 'backward' (or a ready bool mask [Lq,Lk] / [B,1,Lq,Lk])
+        t      [B,L]   flow time per token (paper B) or None;  noisy [L] bool: teacher-forcing layout (unit_mask)
+        start  [L] bool: tokens that take the start embedding instead of x (paper A, first scale of each frame)
+        hide   [B,Lq,Lk] bool: extra keys hidden per sample (paper A's Random Frame Mask)
+        cache  KVCache: attend to cached tokens; append=True also writes these tokens into it
+        """
+        h = self.inp(x)
+        if start is not None:
+            h = torch.where(start[None, :, None].to(h.device), self.start.to(h.dtype), h)
+        c = self.condition(prompt, drop)
+        if t is not None:
+            c = c + self.time(timestep_embedding(t, self.cfg.dim))
+        t0 = 0.0
+        if cache is not None:
+            t0 = float(cache.time_base(pos))
+            uk = torch.cat([cache.unit, unit.cpu()]).to(unit.device)
+            nk = None if noisy is None else torch.cat([torch.zeros(len(cache), dtype=torch.bool), noisy.cpu()])
+        else:
+            uk, nk = unit, noisy
+        if isinstance(mask, str):
+            mask = unit_mask(unit, uk, mask, noisy, None if nk is None else nk.to(unit.device))
+        if hide is not None:
+            mask = mask & ~hide[:, None]
+        pos_q = pos - torch.tensor([t0, 0.0, 0.0], device=pos.device)
+        for i, blk in enumerate(self.blocks):
+            h = blk(h, c, pos_q, mask, cache=cache, layer=i, append=append, t0=t0)
+        if cache is not None and append:
+            cache.pos = torch.cat([cache.pos, pos.cpu().float()])
+            cache.unit = torch.cat([cache.unit, unit.cpu()])
+        shift, scale = self.ada_out(F.silu(c)).chunk(2, -1)
+        return self.head(modulate(self.norm(h), shift, scale))

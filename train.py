@@ -1,0 +1,179 @@
+"""Training, every stage behind one command:
+
+  python train.py --config toy                    # every stage in order, then a sample GIF (the CPU quickstart)
+  python train.py --config toy --stage tokenizer  # one stage
+
+Stages write to --out (default runs/<config>): <stage>.pt (atomic checkpoint, config inside), log.jsonl and GIFs.
+Re-running a command resumes from its checkpoint exactly (same batches, same RNG), or skips a finished stage.
+"""
+import json
+import math
+import sys
+import time
+from dataclasses import asdict
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from tqdm import tqdm
+
+import data
+from config import Config, config_from_args, load_checkpoint, parser, save_checkpoint, seed_everything
+from tokenizer import Tokenizer
+
+STAGES = ["tokenizer"]
+TOKENIZER_KEYS = ["size", "ft", "down", "width", "z_channels", "vocab", "scales"]
+
+
+def lr_at(step, total, peak, warmup=50):
+    """Linear warm-up, then cosine decay to 10% of the peak."""
+    if step < warmup:
+        return peak * (step + 1) / warmup
+    return peak * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * (step - warmup) / max(1, total - warmup))))
+
+
+def batch_seed(seed, stage, step):
+    """Batch `step` of a stage is a pure function of (seed, stage, step): resuming replays the same data."""
+    return (seed * 1_000_003 + STAGES.index(stage) * 10_007 + step) % 2 ** 63
+
+
+def heldout_clips(cfg, digits, n, frames=None, seed=1234):
+    """Clips of held-out digits (never seen in training), fixed across runs."""
+    return data.moving_mnist(n, digits, "test", cfg.mm_config(frames), seed=seed)
+
+
+def log(out, **row):
+    with open(Path(out) / "log.jsonl", "a") as f:
+        f.write(json.dumps(row) + "\n")
+
+
+def psnr(a, b):
+    """Mean over clips of PSNR (dB) between uint8 clips, on [0, 1] values."""
+    mse = ((a.astype(np.float64) - b.astype(np.float64)) / 255).reshape(len(a), -1).__pow__(2).mean(1)
+    return float(np.mean(10 * np.log10(1 / np.maximum(mse, 1e-10))))
+
+
+# ------------------------------------------------------------------------------------------------ tokenizer
+def build_tokenizer(cfg):
+    return Tokenizer(cfg.tokenizer_config(), cfg.size)
+
+
+def load_tokenizer(ckpt_dir, device="cpu"):
+    """Load a trained tokenizer from --ckpt DIR, with the config it was trained under."""
+    state = load_checkpoint(Path(ckpt_dir) / "tokenizer.pt")
+    cfg = Config(**state["config"])
+    tok = build_tokenizer(cfg)
+    tok.load_state_dict(state["model"])
+    return tok.to(device).eval(), cfg
+
+
+@torch.no_grad()
+def reconstruct(tok, video, device="cpu", quantized=True, batch=16):
+    """uint8 [N,T,H,W(,C)] -> its reconstruction, same shape and dtype."""
+    v = data.check_video(video)
+    out = []
+    for i in range(0, len(v), batch):
+        z = tok.encode(data.to_model(v[i:i + batch], device))
+        out.append(data.from_model(tok.decode(tok.quantize(z)[2] if quantized else z), squeeze=False))
+    out = np.concatenate(out)
+    return out[..., 0] if video.ndim == 4 else out
+
+
+@torch.no_grad()
+def eval_tokenizer(tok, clips, device):
+    """Held-out PSNR of both paths, code usage per scale (share of the codebook used), bits per latent frame."""
+    tok.eval()
+    cont, quant = reconstruct(tok, clips, device, False), reconstruct(tok, clips, device, True)
+    codes = tok.quantize(tok.encode(data.to_model(clips, device)))[0]
+    usage, perplexity = [], []
+    for c in codes:   # share of the codebook a scale uses, and the perplexity exp(H) of its code histogram
+        p = torch.bincount(c.flatten(), minlength=tok.cfg.vocab).float() / c.numel()
+        usage.append(float((p > 0).float().mean()))
+        perplexity.append(float(torch.exp(-(p[p > 0] * p[p > 0].log()).sum())))
+    bits = sum(s * s for s in tok.scales) * math.log2(tok.cfg.vocab)
+    tok.train()
+    return dict(psnr_cont=psnr(clips, cont), psnr_quant=psnr(clips, quant), usage=usage, perplexity=perplexity,
+                bits_per_latent_frame=bits), cont, quant
+
+
+def train_tokenizer(cfg, args, digits, out):
+    device = args.device
+    path = out / "tokenizer.pt"
+    tok = build_tokenizer(cfg).to(device)
+    opt = torch.optim.AdamW(tok.parameters(), lr=cfg.tok_lr, betas=(0.9, 0.95), weight_decay=0.0)
+    step = 0
+    if path.exists():
+        state = load_checkpoint(path, cfg, TOKENIZER_KEYS)
+        tok.load_state_dict(state["model"])
+        opt.load_state_dict(state["opt"])
+        torch.set_rng_state(state["rng"])
+        step = state["step"]
+        if step >= cfg.tok_steps:
+            print(f"[tokenizer] {path} is finished ({step} steps); skipping")
+            return tok.eval()
+        print(f"[tokenizer] resuming from step {step}")
+    heldout, _ = heldout_clips(cfg, digits, cfg.eval_clips)
+    mm = cfg.mm_config(cfg.tok_frames)
+    t_data = t_step = 0.0
+    bar = tqdm(range(step, cfg.tok_steps), desc="tokenizer", initial=step, total=cfg.tok_steps, dynamic_ncols=True)
+    for step in bar:
+        t0 = time.perf_counter()
+        video, _ = data.moving_mnist(cfg.tok_batch, digits, "train", mm, seed=batch_seed(args.seed, "tokenizer", step))
+        x = data.to_model(video, device)
+        t1 = time.perf_counter()
+        for g in opt.param_groups:
+            g["lr"] = lr_at(step, cfg.tok_steps, cfg.tok_lr)
+        rec, rec_q, vq_loss, z = tok(x)
+        loss = F.mse_loss(rec, x) + F.mse_loss(rec_q, x) + vq_loss
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(tok.parameters(), 1.0)
+        opt.step()
+        if step % 25 == 0:   # keep every code alive (see MultiScaleVQ.restart_dead_codes)
+            tok.vq.restart_dead_codes(z.detach().transpose(1, 2).flatten(0, 1))
+        t_data, t_step = t_data + t1 - t0, t_step + time.perf_counter() - t1
+        bar.set_postfix(loss=f"{loss.item():.4f}")
+        if (step + 1) % cfg.eval_every == 0 or step + 1 == cfg.tok_steps:
+            m, cont, quant = eval_tokenizer(tok, heldout, device)
+            n = step + 1 - (bar.initial or 0)
+            log(out, stage="tokenizer", step=step + 1, loss=loss.item(), **m, data_ms=1e3 * t_data / n,
+                step_ms=1e3 * t_step / n)
+            bar.write(f"[tokenizer] step {step + 1}: held-out PSNR {m['psnr_cont']:.2f} dB (continuous), "
+                      f"{m['psnr_quant']:.2f} dB (quantized); code perplexity per scale "
+                      f"{', '.join(f'{u:.0f}' for u in m['perplexity'])}; data {1e3 * t_data / n:.1f} ms vs "
+                      f"step {1e3 * t_step / n:.0f} ms")
+            save_checkpoint(path, config=asdict(cfg), model=tok.state_dict(), opt=opt.state_dict(),
+                            rng=torch.get_rng_state(), step=step + 1, metrics=m)
+            data.save_gif(out / "tokenizer.gif", np.concatenate([heldout[:6], cont[:6], quant[:6]], axis=2))
+    return tok.eval()
+
+
+# ---------------------------------------------------------------------------------------------------- main
+def main(argv=None):
+    p = parser(__doc__.split("\n")[0])
+    p.add_argument("--stage", choices=STAGES + ["all"], default="all", help="which stage to train")
+    p.add_argument("--out", default=None, help="run directory (default runs/<config>)")
+    args = p.parse_args(argv)
+    cfg = config_from_args(args)
+    if (cfg.frames - 1) % cfg.ft or (cfg.tok_frames - 1) % cfg.ft:
+        p.error(f"--frames and --tok-frames must be 1 + {cfg.ft}*k (got {cfg.frames}, {cfg.tok_frames})")
+    out = Path(args.out or f"runs/{args.config}")
+    out.mkdir(parents=True, exist_ok=True)
+    seed_everything(args.seed)
+    digits = data.load_digits(cfg.data_dir or None)
+    print(f"[data] digits: {data_source_line(digits)}")
+    stages = STAGES if args.stage == "all" else [args.stage]
+    t0 = time.time()
+    for stage in stages:
+        if stage == "tokenizer":
+            train_tokenizer(cfg, args, digits, out)
+    print(f"[train] done in {time.time() - t0:.0f} s; outputs in {out}/")
+
+
+def data_source_line(d):
+    return f"{d.source}: {len(d.train_images)} train / {len(d.test_images)} held-out digit images"
+
+
+if __name__ == "__main__":
+    sys.exit(main())
