@@ -61,19 +61,29 @@ class CausalConv3d(nn.Module):
         return self.conv(F.pad(x, self.pad))
 
 
+class FrameNorm(nn.GroupNorm):
+    """GroupNorm with statistics per frame. Pooling them over T would let a later frame change an earlier
+    latent (and break the encoder's causality)."""
+
+    def __init__(self, c):
+        super().__init__(8, c)
+
+    def forward(self, x):  # [B, C, T, H, W]
+        return _spatial(x, super().forward)
+
+
 class ResBlock(nn.Module):
     """(2+1)D residual block: norm, SiLU, 3x3 conv on each frame; norm, SiLU, causal 3x1x1 conv over time.
-    Factorising space and time costs 12 C^2 MACs per voxel instead of 27 C^2 for a full 3x3x3 conv.
-    Norm statistics are taken per frame: pooling them over T would let a later frame change an earlier latent."""
+    Factorising space and time costs 12 C^2 MACs per voxel instead of 27 C^2 for a full 3x3x3 conv."""
 
     def __init__(self, c):
         super().__init__()
-        self.n1, self.c1 = nn.GroupNorm(8, c), nn.Conv2d(c, c, 3, padding=1)
-        self.n2, self.c2 = nn.GroupNorm(8, c), CausalConv3d(c, c, kt=3, k=1)
+        self.n1, self.c1 = FrameNorm(c), nn.Conv2d(c, c, 3, padding=1)
+        self.n2, self.c2 = FrameNorm(c), CausalConv3d(c, c, kt=3, k=1)
 
     def forward(self, x):  # [B, C, T, H, W]
-        h = _spatial(x, lambda y: self.c1(F.silu(self.n1(y))))
-        return x + self.c2(_spatial(h, lambda y: F.silu(self.n2(y))))
+        h = _spatial(F.silu(self.n1(x)), self.c1)
+        return x + self.c2(F.silu(self.n2(h)))
 
 
 def _spatial(x, fn):  # apply a 2D op to every frame of [B, C, T, H, W]
@@ -101,13 +111,13 @@ class CausalAE(nn.Module):
             enc += [_Down(a, b), ResBlock(b)]
         self.enc = nn.Sequential(*enc)
         wz = widths[-1]
-        self.enc_t = nn.Sequential(nn.Conv3d(wz * cfg.ft, wz, 1), ResBlock(wz), nn.GroupNorm(8, wz), nn.SiLU(),
+        self.enc_t = nn.Sequential(nn.Conv3d(wz * cfg.ft, wz, 1), ResBlock(wz), FrameNorm(wz), nn.SiLU(),
                                    nn.Conv3d(wz, cfg.z_channels, 1))
         self.dec_t = nn.Sequential(nn.Conv3d(cfg.z_channels, wz, 1), ResBlock(wz), nn.Conv3d(wz, wz * cfg.ft, 1))
         dec = []
         for a, b in zip(widths[::-1], widths[::-1][1:]):
             dec += [ResBlock(a), _Up(a, b)]
-        dec += [ResBlock(w), ResBlock(w), nn.GroupNorm(8, w), nn.SiLU(), CausalConv3d(w, cfg.channels * p * p)]
+        dec += [ResBlock(w), ResBlock(w), FrameNorm(w), nn.SiLU(), CausalConv3d(w, cfg.channels * p * p)]
         self.dec = nn.Sequential(*dec)
         self.patch = p
 

@@ -93,7 +93,7 @@ def eval_tokenizer(tok, clips, device):
         perplexity.append(float(torch.exp(-(p[p > 0] * p[p > 0].log()).sum())))
     bits = sum(s * s for s in tok.scales) * math.log2(tok.cfg.vocab)
     tok.train()
-    return dict(psnr_cont=psnr(clips, cont), psnr_quant=psnr(clips, quant), usage=usage, perplexity=perplexity,
+    return dict(psnr_cont=psnr(clips, cont), psnr_quant=psnr(clips, quant), usage=usage, perplexity=perplexity, perplexity=perplexity,
                 bits_per_latent_frame=bits), cont, quant
 
 
@@ -134,11 +134,12 @@ def train_tokenizer(cfg, args, digits, out):
             tok.vq.restart_dead_codes(z.detach().transpose(1, 2).flatten(0, 1))
         t_data, t_step = t_data + t1 - t0, t_step + time.perf_counter() - t1
         bar.set_postfix(loss=f"{loss.item():.4f}")
-        if (step + 1) % cfg.eval_every == 0 or step + 1 == cfg.tok_steps:
+        log(out, stage="tokenizer", step=step + 1, loss=loss.item())
+        stop = args.stop_after and step + 1 - bar.initial >= args.stop_after
+        if (step + 1) % cfg.eval_every == 0 or step + 1 == cfg.tok_steps or stop:
             m, cont, quant = eval_tokenizer(tok, heldout, device)
-            n = step + 1 - (bar.initial or 0)
-            log(out, stage="tokenizer", step=step + 1, loss=loss.item(), **m, data_ms=1e3 * t_data / n,
-                step_ms=1e3 * t_step / n)
+            n = step + 1 - bar.initial
+            log(out, stage="tokenizer", step=step + 1, eval=m, data_ms=1e3 * t_data / n, step_ms=1e3 * t_step / n)
             bar.write(f"[tokenizer] step {step + 1}: held-out PSNR {m['psnr_cont']:.2f} dB (continuous), "
                       f"{m['psnr_quant']:.2f} dB (quantized); code perplexity per scale "
                       f"{', '.join(f'{u:.0f}' for u in m['perplexity'])}; data {1e3 * t_data / n:.1f} ms vs "
@@ -146,6 +147,10 @@ def train_tokenizer(cfg, args, digits, out):
             save_checkpoint(path, config=asdict(cfg), model=tok.state_dict(), opt=opt.state_dict(),
                             rng=torch.get_rng_state(), step=step + 1, metrics=m)
             data.save_gif(out / "tokenizer.gif", np.concatenate([heldout[:6], cont[:6], quant[:6]], axis=2))
+        if stop:
+            bar.close()
+            print(f"[tokenizer] stopped after {args.stop_after} steps (--stop-after); run again to resume")
+            sys.exit(0)
     return tok.eval()
 
 
@@ -154,6 +159,8 @@ def main(argv=None):
     p = parser(__doc__.split("\n")[0])
     p.add_argument("--stage", choices=STAGES + ["all"], default="all", help="which stage to train")
     p.add_argument("--out", default=None, help="run directory (default runs/<config>)")
+    p.add_argument("--stop-after", type=int, default=0, help="save and stop after this many steps of this run "
+                   "(for time-sliced or preemptible jobs; running the command again resumes)")
     args = p.parse_args(argv)
     cfg = config_from_args(args)
     if (cfg.frames - 1) % cfg.ft or (cfg.tok_frames - 1) % cfg.ft:

@@ -1,0 +1,18 @@
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+torch.set_num_threads(min(2, torch.get_num_threads()))
+
+
+@pytest.fixture(scope="session")
+def digits():
+    """Real MNIST test digits when ../shared is there, else the module's drawn digits (tests pass on both)."""
+    import data
+    import warnings
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return data.load_digits(download=False)

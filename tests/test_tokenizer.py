@@ -1,0 +1,87 @@
+import pytest
+import torch
+
+from tokenizer import Tokenizer, TokenizerConfig
+
+
+def tiny(down=8, **kw):
+    torch.manual_seed(0)
+    return Tokenizer(TokenizerConfig(down=down, width=16, z_channels=8, vocab=64, **kw), 64).eval()
+
+
+@pytest.mark.parametrize("down,patch", [(4, 4), (8, 4), (16, 4), (8, 2)])
+def test_shapes_for_each_compression(down, patch):
+    tok = tiny(down, patch=patch)
+    x = torch.rand(2, 1, 9, 64, 64) * 2 - 1
+    z = tok.encode(x)
+    assert z.shape == (2, 8, 3, 64 // down, 64 // down)        # 9 frames = 1 + 4*2 -> 3 latent frames
+    codes, inputs, f_hat, _ = tok.quantize(z)
+    assert [c.shape[-1] for c in codes] == list(tok.scales) and tok.scales[-1] == 64 // down
+    assert [i.shape[-1] for i in inputs] == list(tok.scales[1:])
+    assert tok.decode(f_hat).shape == x.shape
+
+
+def test_encoder_is_causal():
+    """Changing input frame j changes no latent frame before the one that holds j (and does change that one)."""
+    tok = tiny()
+    x = torch.rand(1, 1, 13, 64, 64) * 2 - 1
+    z = tok.encode(x)
+    for j in (0, 1, 4, 5, 12):
+        y = x.clone()
+        y[:, :, j] = -y[:, :, j]
+        z2 = tok.encode(y)
+        holder = 0 if j == 0 else (j - 1) // 4 + 1
+        assert torch.equal(z2[:, :, :holder], z[:, :, :holder]), j
+        assert not torch.allclose(z2[:, :, holder], z[:, :, holder]), j
+
+
+def test_bad_video_inputs_are_clear_errors():
+    tok = tiny()
+    with pytest.raises(ValueError, match="1 \\+ 4\\*k"):
+        tok.encode(torch.zeros(1, 1, 8, 64, 64))
+    with pytest.raises(ValueError, match="64x64"):
+        tok.encode(torch.zeros(1, 1, 5, 32, 32))
+    with pytest.raises(TypeError, match="float"):
+        tok.encode(torch.zeros(1, 1, 5, 64, 64, dtype=torch.uint8))
+    x = torch.zeros(1, 1, 5, 64, 64)
+    x[0, 0, 2, 3, 3] = float("nan")
+    with pytest.raises(ValueError, match="NaN"):
+        tok.encode(x)
+
+
+def test_quantizer_sums_and_next_scale_input():
+    tok = tiny()
+    z = tok.encode(torch.rand(2, 1, 5, 64, 64) * 2 - 1)
+    codes, inputs, f_hat, _ = tok.quantize(z)
+    # the sum of upsampled scales is f_hat (dequantize == quantize's own sum)
+    assert torch.allclose(tok.codes_to_fhat(codes), f_hat, atol=1e-5)
+    # the next-scale-input function, chained over all scales, ends at f_hat and yields the training inputs
+    flat = [c.flatten(0, 1) for c in codes]
+    acc = torch.zeros(f_hat.shape[0] * f_hat.shape[2], *f_hat.shape[1:2], *f_hat.shape[3:])
+    for k, idx in enumerate(flat):
+        acc, nxt = tok.vq.next_scale_input(acc, idx, k)
+        if nxt is not None:
+            assert torch.allclose(nxt, inputs[k].flatten(0, 1), atol=1e-5)
+    assert nxt is None
+    assert torch.allclose(acc.view(2, -1, *acc.shape[1:]).transpose(1, 2), f_hat, atol=1e-5)
+    # round trip: codes -> embeddings -> nearest codes gives the codes back
+    e = tok.vq.codebook[flat[-1]].permute(0, 3, 1, 2)
+    assert torch.equal(tok.vq.lookup(e), flat[-1])
+
+
+def test_corruption_hook_requantizes_later_scales():
+    """Error correction (paper A): corrupt scale 0; later labels are recomputed from the corrupted sum, so the
+    final f_hat still approximates z far better than the corrupted first scale plus the clean later codes."""
+    tok = tiny().train()
+    z = tok.encode(torch.rand(2, 1, 5, 64, 64) * 2 - 1)
+    tok.quantize(z)
+    tok.eval()
+    clean, _, f_clean, _ = tok.quantize(z)
+    gen = torch.Generator().manual_seed(0)
+    corrupt = lambda idx, k: torch.randint(0, 64, idx.shape, generator=gen) if k == 0 else idx
+    labels, _, f_corr, _ = tok.quantize(z, corrupt=corrupt)
+    assert torch.equal(labels[0], clean[0])                 # the label of the corrupted scale stays clean
+    assert not all(torch.equal(a, b) for a, b in zip(labels[1:], clean[1:]))   # later labels re-quantized
+    naive = tok.codes_to_fhat([c.new_tensor(torch.randint(0, 64, c.shape, generator=torch.Generator().manual_seed(0)))
+                               if i == 0 else c for i, c in enumerate(clean)])
+    assert (f_corr - z).pow(2).mean() < (naive - z).pow(2).mean()

@@ -1,0 +1,76 @@
+"""Training-loop contracts: exact resume, atomic checkpoints, clear errors that leave checkpoints untouched."""
+import hashlib
+import json
+
+import numpy as np
+import pytest
+
+import sample
+import train
+
+TINY = ["--config", "tiny", "--stage", "tokenizer", "--tok-steps", "6", "--eval-every", "3", "--device", "cpu"]
+
+
+def losses(out):
+    rows = [json.loads(l) for l in (out / "log.jsonl").read_text().splitlines()]
+    return {r["step"]: r["loss"] for r in rows if "loss" in r}
+
+
+def digest(path):
+    return hashlib.md5(path.read_bytes()).hexdigest()
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory):
+    out = tmp_path_factory.mktemp("run")
+    train.main(TINY + ["--out", str(out)])
+    return out
+
+
+def test_resume_gives_the_same_losses_as_an_uninterrupted_run(run, tmp_path):
+    with pytest.raises(SystemExit) as e:
+        train.main(TINY + ["--out", str(tmp_path), "--stop-after", "2"])
+    assert e.value.code == 0 and max(losses(tmp_path)) == 2
+    train.main(TINY + ["--out", str(tmp_path)])
+    a, b = losses(run), losses(tmp_path)
+    assert sorted(b) == list(range(1, 7))
+    assert all(a[s] == pytest.approx(b[s], rel=1e-5) for s in range(3, 7)), (a, b)
+
+
+def test_bad_flags_and_configs_leave_the_checkpoint_untouched(run, capsys):
+    ckpt = run / "tokenizer.pt"
+    before = digest(ckpt)
+    with pytest.raises(SystemExit) as e:
+        train.main(TINY + ["--out", str(run), "--no-such-flag", "1"])
+    assert e.value.code == 2 and "unrecognized arguments" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        train.main(TINY + ["--out", str(run), "--frames", "12"])       # not 1 + 4k
+    with pytest.raises(RuntimeError, match="different config: z_channels"):
+        train.main(TINY + ["--out", str(run), "--z-channels", "4"])
+    assert digest(ckpt) == before
+
+
+def test_corrupt_checkpoint_is_a_clear_error(tmp_path):
+    (tmp_path / "tokenizer.pt").write_bytes(b"garbage")
+    with pytest.raises(RuntimeError, match="not a readable checkpoint"):
+        train.main(TINY + ["--out", str(tmp_path)])
+    assert (tmp_path / "tokenizer.pt").read_bytes() == b"garbage"
+
+
+def test_reconstruct_keeps_shape_and_dtype(run, tmp_path, digits, capsys):
+    import data
+    video, _ = data.moving_mnist(3, digits, cfg=data.MovingMNISTConfig(frames=9), seed=0)
+    for name, v in (("gray", video), ("chan", video[..., None])):
+        np.save(tmp_path / f"{name}.npy", v)
+        sample.main(["--ckpt", str(run), "--reconstruct", str(tmp_path / f"{name}.npy"),
+                     "--npy", str(tmp_path / f"{name}_out.npy"), "--device", "cpu"])
+        out = np.load(tmp_path / f"{name}_out.npy")
+        assert out.shape == v.shape and out.dtype == np.uint8
+    np.save(tmp_path / "bad.npy", video[:, :8])
+    with pytest.raises(SystemExit):
+        sample.main(["--ckpt", str(run), "--reconstruct", str(tmp_path / "bad.npy"), "--npy", str(tmp_path / "x.npy")])
+    assert "1 + 4*k" in capsys.readouterr().err
+    np.save(tmp_path / "float.npy", video.astype(np.float32))
+    with pytest.raises(SystemExit):
+        sample.main(["--ckpt", str(run), "--reconstruct", str(tmp_path / "float.npy"), "--npy", str(tmp_path / "x.npy")])
+    assert "uint8" in capsys.readouterr().err
