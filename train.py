@@ -93,7 +93,7 @@ def eval_tokenizer(tok, clips, device):
         perplexity.append(float(torch.exp(-(p[p > 0] * p[p > 0].log()).sum())))
     bits = sum(s * s for s in tok.scales) * math.log2(tok.cfg.vocab)
     tok.train()
-    return dict(psnr_cont=psnr(clips, cont), psnr_quant=psnr(clips, quant), usage=usage, perplexity=perplexity, perplexity=perplexity,
+    return dict(psnr_cont=psnr(clips, cont), psnr_quant=psnr(clips, quant), usage=usage, perplexity=perplexity,
                 bits_per_latent_frame=bits), cont, quant
 
 
