@@ -39,6 +39,17 @@ class Config:
     tok_batch: int = _f(16, "tokenizer batch size (clips)")
     tok_frames: int = _f(5, "frames per tokenizer training clip (1 + ft*k); the AE is causal conv, any length works")
     tok_lr: float = _f(3e-3, "tokenizer learning rate")
+    # transformer (model.py), shared by paper A and paper B
+    dim: int = _f(128, "transformer width")
+    depth: int = _f(4, "transformer blocks")
+    heads: int = _f(4, "attention heads")
+    # paper A: next-scale within a frame, next-frame across frames (train.py --stage ar)
+    ar_steps: int = _f(1500, "paper A training steps")
+    ar_batch: int = _f(16, "paper A batch size (clips)")
+    ar_lr: float = _f(2e-3, "paper A learning rate")
+    ec_strength: float = _f(0.3, "Cross-Frame Error Correction: max share of codes corrupted (last frame); 0 = off")
+    frame_mask: float = _f(0.1, "Random Frame Mask: chance that an earlier frame is hidden from a later one; 0 = off")
+    cond_drop: float = _f(0.1, "chance that a clip's prompt is replaced by the null condition (for CFG)")
     eval_every: int = _f(250, "steps between held-out evaluations")
     eval_clips: int = _f(32, "held-out clips for evaluation")
 
@@ -48,6 +59,10 @@ class Config:
         return TokenizerConfig(channels=1, ft=self.ft, down=self.down, patch=self.patch, width=self.width,
                                z_channels=self.z_channels, vocab=self.vocab, scales=scales)
 
+    def model_config(self, vocab=0):
+        from model import ModelConfig
+        return ModelConfig(dim=self.dim, depth=self.depth, heads=self.heads, in_channels=self.z_channels, vocab=vocab)
+
     def mm_config(self, frames=None):
         from data import MovingMNISTConfig
         return MovingMNISTConfig(size=self.size, frames=frames or self.frames, num_digits=self.num_digits,
@@ -56,9 +71,11 @@ class Config:
 
 PRESETS = {
     "toy": {},  # the defaults above: 64x64, 13 frames, 4 x 8x8 latent, minutes on a 2-core CPU
-    "tiny": dict(tok_steps=40, tok_batch=4, eval_every=20, eval_clips=4, width=16, vocab=256),   # tests and smoke runs
+    "tiny": dict(tok_steps=40, tok_batch=4, eval_every=20, eval_clips=4, width=16, vocab=256, frames=9,
+                 dim=32, depth=2, heads=2, ar_steps=20, ar_batch=4),   # tests and smoke runs
     "paper": dict(down=16, patch=4, width=128, z_channels=32, vocab=4096, tok_steps=50000, tok_batch=32, tok_frames=17,
-                  eval_every=2000, eval_clips=256),  # paper A's 16x spatial compression; needs a GPU
+                  eval_every=2000, eval_clips=256, dim=1024, depth=16, heads=16, ar_steps=100000, ar_batch=64,
+                  ar_lr=3e-4),  # paper A's 16x spatial compression; needs a GPU
 }
 
 

@@ -81,6 +81,23 @@ def frame_scale_layout(frames, scales, side):
     return torch.cat(pos), torch.cat(unit), torch.cat(frame)
 
 
+def ar_sequence(inputs, codes):
+    """Paper A teacher forcing: lay the tokenizer's outputs out in `frame_scale_layout` order.
+
+    inputs: K-1 next-scale inputs [B,t,c,s_k,s_k] (k = 2..K); codes: K code maps [B,t,s_k,s_k]
+    -> x [B,L,c] (zeros where the start token goes: scale 1 of each frame), labels [B,L].
+    """
+    b, t = codes[0].shape[:2]
+    c = inputs[0].shape[2]
+    xs, ys = [], []
+    for f in range(t):
+        for k, idx in enumerate(codes):
+            ys.append(idx[:, f].flatten(1))
+            xs.append(inputs[0].new_zeros(b, idx[0, 0].numel(), c) if k == 0
+                      else rearrange(inputs[k - 1][:, f], "b c h w -> b (h w) c"))
+    return torch.cat(xs, 1), torch.cat(ys, 1)
+
+
 # ---------------------------------------------------------------------------------------------------- RoPE
 def rope(x, pos, base):
     """Rotate x [B,H,L,D] by 3D positions pos [L,3] (paper A's Multi-scale Temporal RoPE).

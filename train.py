@@ -20,10 +20,12 @@ from tqdm import tqdm
 
 import data
 from config import Config, config_from_args, load_checkpoint, parser, save_checkpoint, seed_everything
+from model import Transformer, ar_sequence, frame_scale_layout
 from tokenizer import Tokenizer
 
-STAGES = ["tokenizer"]
-TOKENIZER_KEYS = ["size", "ft", "down", "width", "z_channels", "vocab", "scales"]
+STAGES = ["tokenizer", "ar"]
+TOKENIZER_KEYS = ["size", "ft", "down", "patch", "width", "z_channels", "vocab", "scales"]
+MODEL_KEYS = TOKENIZER_KEYS + ["dim", "depth", "heads"]
 
 
 def lr_at(step, total, peak, warmup=50):
@@ -154,6 +156,97 @@ def train_tokenizer(cfg, args, digits, out):
     return tok.eval()
 
 
+# ------------------------------------------------------------------------------------------- paper A: ar
+def error_correction(strength, frames, vocab, generator):
+    """Paper A, Cross-Frame Error Correction: a hook for MultiScaleVQ.forward that replaces a random share of the
+    codes of a scale by random codes. Each (clip, frame) draws its rate from U(0, strength * (f+1)/frames): the
+    rate ramps up with the frame index, as errors accumulate at inference. The quantizer never corrupts the last
+    scale and re-quantizes every later scale from the corrupted sum, so the labels teach correction."""
+    def corrupt(idx, k):                       # idx [(B t), s, s]
+        n = idx.shape[0]
+        f = torch.arange(n, device=idx.device) % frames
+        rate = torch.rand(n, generator=generator, device=idx.device) * strength * (f + 1) / frames
+        hit = torch.rand(idx.shape, generator=generator, device=idx.device) < rate[:, None, None]
+        return torch.where(hit, torch.randint(0, vocab, idx.shape, generator=generator, device=idx.device), idx)
+    return corrupt
+
+
+def random_frame_mask(rate, frame, batch, generator):
+    """Paper A, Random Frame Mask: hide each earlier frame from later frames with probability `rate`, per clip.
+    frame [L] -> hide [B, L, L] (True = key hidden from query); a frame always sees itself."""
+    frames = int(frame.max()) + 1
+    hidden = torch.rand(batch, frames, generator=generator, device=frame.device) < rate      # [B, frames]
+    return hidden[:, frame][:, None, :] & (frame[None, :, None] > frame[None, None, :])
+
+
+def build_ar(cfg, vocab):
+    return Transformer(cfg.model_config(vocab=vocab))
+
+
+def load_ar(ckpt_dir, device="cpu"):
+    state = load_checkpoint(Path(ckpt_dir) / "ar.pt")
+    cfg = Config(**state["config"])
+    model = build_ar(cfg, cfg.vocab)
+    model.load_state_dict(state["model"])
+    return model.to(device).eval(), cfg
+
+
+def train_ar(cfg, args, digits, out, tok):
+    """Paper A: cross-entropy over the codes of every (frame, scale) unit, forward mask over units."""
+    device = args.device
+    path = out / "ar.pt"
+    model = build_ar(cfg, cfg.vocab).to(device)
+    opt = torch.optim.AdamW(model.parameters(), lr=cfg.ar_lr, betas=(0.9, 0.95), weight_decay=0.05)
+    step = 0
+    if path.exists():
+        state = load_checkpoint(path, cfg, MODEL_KEYS + ["frames"])
+        model.load_state_dict(state["model"])
+        opt.load_state_dict(state["opt"])
+        torch.set_rng_state(state["rng"])
+        step = state["step"]
+        if step >= cfg.ar_steps:
+            print(f"[ar] {path} is finished ({step} steps); skipping")
+            return model.eval()
+        print(f"[ar] resuming from step {step}")
+    tok = tok.to(device).eval().requires_grad_(False)
+    frames = 1 + (cfg.frames - 1) // cfg.ft
+    pos, unit, frame = (a.to(device) for a in frame_scale_layout(frames, tok.scales, tok.latent_side))
+    start = unit % len(tok.scales) == 0      # scale 1 of each frame takes the start token
+    mm = cfg.mm_config()
+    bar = tqdm(range(step, cfg.ar_steps), desc="ar", initial=step, total=cfg.ar_steps, dynamic_ncols=True)
+    for step in bar:
+        video, labels = data.moving_mnist(cfg.ar_batch, digits, "train", mm, seed=batch_seed(args.seed, "ar", step))
+        gen = torch.Generator(device).manual_seed(batch_seed(args.seed, "ar", step))
+        corrupt = error_correction(cfg.ec_strength, frames, cfg.vocab, gen) if cfg.ec_strength > 0 else None
+        with torch.no_grad():
+            codes, inputs, _, _ = tok.quantize(tok.encode(data.to_model(video, device)), corrupt=corrupt)
+        x, y = ar_sequence(inputs, codes)
+        drop = torch.rand(len(x), generator=gen, device=device) < cfg.cond_drop
+        hide = random_frame_mask(cfg.frame_mask, frame, len(x), gen) if cfg.frame_mask > 0 else None
+        for g in opt.param_groups:
+            g["lr"] = lr_at(step, cfg.ar_steps, cfg.ar_lr)
+        logits = model(x, pos, unit, torch.from_numpy(labels).to(device), mask="forward", drop=drop, start=start,
+                       hide=hide)
+        loss = F.cross_entropy(logits.flatten(0, 1), y.flatten())
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        bar.set_postfix(loss=f"{loss.item():.3f}")
+        log(out, stage="ar", step=step + 1, loss=loss.item())
+        stop = args.stop_after and step + 1 - bar.initial >= args.stop_after
+        if (step + 1) % cfg.eval_every == 0 or step + 1 == cfg.ar_steps or stop:
+            acc = (logits.argmax(-1) == y).float().mean().item()
+            log(out, stage="ar", step=step + 1, train_acc=acc)
+            save_checkpoint(path, config=asdict(cfg), model=model.state_dict(), opt=opt.state_dict(),
+                            rng=torch.get_rng_state(), step=step + 1)
+        if stop:
+            bar.close()
+            print(f"[ar] stopped after {args.stop_after} steps (--stop-after); run again to resume")
+            sys.exit(0)
+    return model.eval()
+
+
 # ---------------------------------------------------------------------------------------------------- main
 def main(argv=None):
     p = parser(__doc__.split("\n")[0])
@@ -172,9 +265,13 @@ def main(argv=None):
     print(f"[data] digits: {data_source_line(digits)}")
     stages = STAGES if args.stage == "all" else [args.stage]
     t0 = time.time()
+    tok = None
     for stage in stages:
         if stage == "tokenizer":
-            train_tokenizer(cfg, args, digits, out)
+            tok = train_tokenizer(cfg, args, digits, out)
+        elif stage == "ar":
+            tok = tok or load_tokenizer(out, args.device)[0]
+            train_ar(cfg, args, digits, out, tok)
     print(f"[train] done in {time.time() - t0:.0f} s; outputs in {out}/")
 
 

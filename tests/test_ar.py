@@ -1,0 +1,189 @@
+"""Paper A contracts: forward mask over (frame, scale) units, cache = full forward, RoPE shift invariance,
+error correction, null condition, Random Frame Mask, rolling window, deterministic sampling."""
+import pytest
+import torch
+
+import sample
+import train
+from model import KVCache, ModelConfig, Transformer, ar_sequence, frame_scale_layout, unit_mask
+from tokenizer import Tokenizer, TokenizerConfig
+
+SCALES, SIDE, FRAMES = (1, 2, 4), 4, 3
+
+
+def randomised(model):
+    """Zero-initialised heads and AdaLN gates would hide every difference: give all weights random values."""
+    torch.manual_seed(0)
+    for p in model.parameters():
+        torch.nn.init.normal_(p, std=0.2)
+    return model.eval()
+
+
+@pytest.fixture(scope="module")
+def tok():
+    torch.manual_seed(0)
+    t = Tokenizer(TokenizerConfig(down=16, width=16, z_channels=8, vocab=32, scales=SCALES[:1] + (2, 4)), 64)
+    t.train().quantize(t.encode(torch.rand(2, 1, 9, 64, 64) * 2 - 1))   # initialise the codebook from data
+    return t.eval()
+
+
+@pytest.fixture(scope="module")
+def model():
+    return randomised(Transformer(ModelConfig(dim=32, depth=2, heads=2, in_channels=8, vocab=32)))
+
+
+def layout():
+    pos, unit, frame = frame_scale_layout(FRAMES, SCALES, SIDE)
+    return pos, unit, frame, unit % len(SCALES) == 0
+
+
+def test_mask_is_forward_over_frame_scale_units():
+    pos, unit, frame, _ = layout()
+    m = unit_mask(unit, unit, "forward")
+    L = len(unit)
+    assert L == FRAMES * sum(s * s for s in SCALES)
+    for q in range(L):
+        for k in range(L):   # frame-major (frame, scale) order: a later frame, or a finer scale of this frame
+            earlier = (frame[k] < frame[q]) or (frame[k] == frame[q] and unit[k] <= unit[q])
+            assert m[q, k] == earlier
+
+
+def test_output_does_not_change_when_a_later_unit_changes(model):
+    pos, unit, _, start = layout()
+    x, prompt = torch.randn(2, len(unit), 8), torch.tensor([[1, 2], [3, 4]])
+    ref = model(x, pos, unit, prompt, start=start)
+    for u in (1, 4, 7):
+        y = x.clone()
+        y[:, unit == u] += 3.0
+        out = model(y, pos, unit, prompt, start=start)
+        assert torch.allclose(out[:, unit < u], ref[:, unit < u], atol=1e-5)
+        assert not torch.allclose(out[:, unit == u], ref[:, unit == u], atol=1e-3)
+
+
+def test_time_shift_leaves_outputs_unchanged(model):
+    pos, unit, _, start = layout()
+    x, prompt = torch.randn(2, len(unit), 8), torch.tensor([[1, 2], [3, 4]])
+    shifted = pos + torch.tensor([100.0, 0, 0])
+    assert torch.allclose(model(x, shifted, unit, prompt, start=start), model(x, pos, unit, prompt, start=start),
+                          atol=1e-4)
+    moved = pos + torch.tensor([0, 1.0, 0])   # sanity: RoPE is there -- a shift in h alone is also relative,
+    moved[unit == 5, 1] += 1.0                # but moving one unit relative to the rest must change things
+    assert not torch.allclose(model(x, moved, unit, prompt, start=start), model(x, pos, unit, prompt, start=start),
+                              atol=1e-3)
+
+
+def test_sampling_loop_with_cache_equals_full_teacher_forced_forward(model, tok):
+    """generate_ar, teacher-forced with given codes, must feed exactly what training feeds (one next-scale-input
+    function) and, through the KV cache, produce the logits of one masked forward over the whole sequence."""
+    z = tok.encode(torch.rand(2, 1, 9, 64, 64) * 2 - 1)
+    codes, inputs, f_hat, _ = tok.quantize(z)
+    x, y = ar_sequence(inputs, codes)
+    pos, unit, _, start = layout()
+    prompt = torch.tensor([[1, 2], [3, 4]])
+    full = model(x, pos, unit, prompt, start=start)
+    seen = []
+    hook = model.register_forward_hook(lambda m, a, out: seen.append(out))
+    try:
+        got = sample.generate_ar(model, tok, prompt, FRAMES, torch.Generator(), cfg_scale=1.0, context=codes,
+                                 progress=False)
+    finally:
+        hook.remove()
+    assert torch.allclose(torch.cat(seen, 1), full, atol=1e-4)
+    assert torch.allclose(got, f_hat, atol=1e-5)
+
+
+def test_error_correction_ramps_with_frame_and_spares_last_scale(tok):
+    gen = torch.Generator().manual_seed(0)
+    corrupt = train.error_correction(0.8, 4, 32, gen)
+    idx = torch.zeros(4000, 4, 4, dtype=torch.long)        # (b t) = 1000 clips x 4 frames
+    hit = (corrupt(idx, 0) != 0).float().view(1000, 4, -1).mean((0, 2))
+    assert hit[0] < hit[1] < hit[2] < hit[3] and hit[3] > 0.25
+    z = tok.encode(torch.rand(2, 1, 9, 64, 64) * 2 - 1)
+    clean = tok.quantize(z)[0]
+    everything = lambda i, k: (i + 1) % 32                   # corrupt every code it is offered
+    labels, _, _, _ = tok.quantize(z, corrupt=everything)
+    assert torch.equal(labels[0], clean[0]) and not torch.equal(labels[-1], clean[-1])
+
+
+def test_null_condition_is_used_when_the_prompt_is_dropped(model):
+    pos, unit, _, start = layout()
+    x = torch.randn(2, len(unit), 8)
+    a = torch.tensor([[1, 2], [1, 2]])
+    b = torch.tensor([[5, 6], [7, 8]])
+    drop = torch.tensor([True, True])
+    assert torch.allclose(model(x, pos, unit, a, drop=drop, start=start), model(x, pos, unit, b, drop=drop, start=start))
+    assert not torch.allclose(model(x, pos, unit, a, start=start), model(x, pos, unit, b, start=start))
+    null = model.condition(a, drop)
+    assert torch.equal(null[0, 0], model.null.detach())
+
+
+def test_random_frame_mask_hides_earlier_frames(model):
+    pos, unit, frame, start = layout()
+    gen = torch.Generator().manual_seed(0)
+    hide = train.random_frame_mask(1.0, frame, 2, gen)        # rate 1: every earlier frame hidden
+    assert not hide[:, frame == 1][:, :, frame == 1].any()   # a frame always sees itself
+    x, prompt = torch.randn(2, len(unit), 8), torch.tensor([[1, 2], [3, 4]])
+    ref = model(x, pos, unit, prompt, start=start, hide=hide)
+    y = x.clone()
+    y[:, frame == 0] += 3.0
+    out = model(y, pos, unit, prompt, start=start, hide=hide)
+    assert torch.allclose(out[:, frame == 2], ref[:, frame == 2], atol=1e-5)   # frame 0 invisible to frame 2
+
+
+@pytest.fixture(scope="module")
+def shallow():
+    """One block: its keys and values depend on each token's own input only, so a cache built along a long video
+    holds the same entries as one built for a short clip, and only positions can make the two differ."""
+    return randomised(Transformer(ModelConfig(dim=32, depth=1, heads=2, in_channels=8, vocab=32)))
+
+
+def test_rolling_window_sees_what_a_short_clip_sees(shallow, tok):
+    """With window W, frame f is generated from the cached frames f-W..f-1 only, at the relative time offsets of
+    a W+1-frame clip starting at 0, however far along the video f is."""
+    z = tok.encode(torch.rand(1, 1, 4 * 5 + 1, 64, 64) * 2 - 1)
+    codes = tok.quantize(z)[0]                                 # 6 latent frames
+    prompt = torch.tensor([[1, 2]])
+    seen = []
+    hook = shallow.register_forward_hook(lambda m, a, out: seen.append(out))
+    try:
+        sample.generate_ar(shallow, tok, prompt, 6, torch.Generator(), cfg_scale=1.0, context=codes, window=2,
+                           progress=False)
+        last = torch.cat(seen[-len(SCALES):], 1)             # logits of frame 5
+        seen.clear()
+        short = [c[:, 3:6] for c in codes]                     # frames 3, 4, 5 as a clip of its own
+        sample.generate_ar(shallow, tok, prompt, 3, torch.Generator(), cfg_scale=1.0, context=short, progress=False)
+        ref = torch.cat(seen[-len(SCALES):], 1)
+    finally:
+        hook.remove()
+    assert torch.allclose(last, ref, atol=1e-4)
+
+
+def test_positions_are_rebased_far_into_a_video(shallow):
+    """Frames 100000-100002 after evicting older ones give the logits of frames 0-2 exactly: positions are re-based
+    to the oldest cached frame, so RoPE angles stay small (without it, float32 angles near 1e5 rad drift ~4e-5)."""
+    pos, unit, frame, start = layout()
+    x, prompt = torch.randn(1, len(unit), 8), torch.tensor([[1, 2]])
+
+    def last_frame_logits(offset, junk):
+        cache = KVCache(1)
+        if junk:   # two older frames that the window must evict
+            shallow(torch.randn(1, 2 * 21, 8), pos[frame < 2] + torch.tensor([offset - 2.0, 0, 0]),
+                    unit[frame < 2] + 1000, prompt, cache=cache, append=True)
+        for f in (0, 1):
+            sel = frame == f
+            shallow(x[:, sel], pos[sel] + torch.tensor([offset, 0, 0]), unit[sel] + 3000, prompt, cache=cache,
+                    append=True, start=start[sel])
+            cache.evict(2 * len(SCALES))
+        sel = frame == 2
+        return shallow(x[:, sel], pos[sel] + torch.tensor([offset, 0, 0]), unit[sel] + 3000, prompt, cache=cache,
+                       start=start[sel])
+
+    ref = last_frame_logits(0.0, junk=False)
+    assert torch.allclose(last_frame_logits(100000.0, junk=True), ref, atol=1e-6)
+
+
+def test_sampling_is_deterministic_given_a_seed(model, tok):
+    prompt = torch.tensor([[1, 2], [3, 4]])
+    run = lambda seed: sample.generate_ar(model, tok, prompt, 2, torch.Generator().manual_seed(seed), top_k=8,
+                                          top_p=0.9, progress=False)
+    assert torch.equal(run(0), run(0)) and not torch.equal(run(0), run(1))
