@@ -50,6 +50,14 @@ class Config:
     ec_strength: float = _f(0.3, "Cross-Frame Error Correction: max share of codes corrupted (last frame); 0 = off")
     frame_mask: float = _f(0.1, "Random Frame Mask: chance that an earlier frame is hidden from a later one; 0 = off")
     cond_drop: float = _f(0.1, "chance that a clip's prompt is replaced by the null condition (for CFG)")
+    # paper B: prediction units, flow-matching teacher, causal student (train.py --stage teacher / causal)
+    unit: str = _f("cube", "prediction unit of the causal student: frame, keydetail, cube or scale")
+    stride: int = _f(2, "keydetail: number of strided frame groups k")
+    cube: str = _f("2,4,4", "cube size kt,kh,kw in latent cells (must divide the latent)")
+    fm_steps: int = _f(1500, "teacher (full-attention flow matching) training steps")
+    causal_steps: int = _f(1000, "causal student training steps")
+    fm_batch: int = _f(16, "paper B batch size (clips)")
+    fm_lr: float = _f(1e-3, "paper B learning rate")
     eval_every: int = _f(250, "steps between held-out evaluations")
     eval_clips: int = _f(32, "held-out clips for evaluation")
 
@@ -63,6 +71,11 @@ class Config:
         from model import ModelConfig
         return ModelConfig(dim=self.dim, depth=self.depth, heads=self.heads, in_channels=self.z_channels, vocab=vocab)
 
+    def unit_kwargs(self):
+        """Keyword arguments of model.unit_layout for this config's unit."""
+        return dict(stride=self.stride, cube=tuple(int(v) for v in self.cube.split(",")),
+                    scales=self.tokenizer_config().scale_schedule(self.size // self.down))
+
     def mm_config(self, frames=None):
         from data import MovingMNISTConfig
         return MovingMNISTConfig(size=self.size, frames=frames or self.frames, num_digits=self.num_digits,
@@ -72,7 +85,8 @@ class Config:
 PRESETS = {
     "toy": {},  # the defaults above: 64x64, 13 frames, 4 x 8x8 latent, minutes on a 2-core CPU
     "tiny": dict(tok_steps=40, tok_batch=4, eval_every=20, eval_clips=4, width=16, vocab=256, frames=9,
-                 dim=32, depth=2, heads=2, ar_steps=20, ar_batch=4),   # tests and smoke runs
+                 dim=32, depth=2, heads=2, ar_steps=20, ar_batch=4, fm_steps=20, causal_steps=20,
+                 fm_batch=4, cube="1,4,4"),   # tests and smoke runs
     "paper": dict(down=16, patch=4, width=128, z_channels=32, vocab=4096, tok_steps=50000, tok_batch=32, tok_frames=17,
                   eval_every=2000, eval_clips=256, dim=1024, depth=16, heads=16, ar_steps=100000, ar_batch=64,
                   ar_lr=3e-4),  # paper A's 16x spatial compression; needs a GPU

@@ -81,6 +81,58 @@ def frame_scale_layout(frames, scales, side):
     return torch.cat(pos), torch.cat(unit), torch.cat(frame)
 
 
+UNITS = ("frame", "keydetail", "cube", "scale")
+
+
+def unit_layout(kind, t, side, stride=2, cube=(1, 2, 2), scales=()):
+    """Paper B Sec. 3.2: the prediction units of a latent z [B,t,h,w,c] with h = w = side.
+
+    frame:     unit i = latent frame i                               (N = t units)
+    keydetail: unit j = frames j, j+k, j+2k, ... (k = stride)          (N = k: key frames first, then the rest)
+    cube:      kt x kh x kw cubes, time-major cube order              (N = t/kt * h/kh * w/kw)
+    scale:     unit l = z resized to s_l x s_l in every frame (VAR pyramid, coarse to fine; the last is z itself)
+    Returns order [L] (raster index (t,h,w) of each token; None for scale), pos [L,3], unit [L].
+    """
+    if kind == "scale":
+        if not scales or scales[-1] != side:
+            raise ValueError(f"scale units need scales ending at the latent side {side}, got {scales}")
+        pos = torch.cat([grid_positions(range(t), s, side) for s in scales])
+        unit = torch.cat([torch.full((t * s * s,), l) for l, s in enumerate(scales)])
+        return None, pos, unit
+    ti, hi, wi = torch.meshgrid(torch.arange(t), torch.arange(side), torch.arange(side), indexing="ij")
+    ti, hi, wi = ti.flatten(), hi.flatten(), wi.flatten()
+    if kind == "frame":
+        unit = ti
+    elif kind == "keydetail":
+        unit = ti % stride
+    elif kind == "cube":
+        kt, kh, kw = cube
+        if t % kt or side % kh or side % kw:
+            raise ValueError(f"cube {kt}x{kh}x{kw} does not divide the latent {t}x{side}x{side}")
+        unit = ((ti // kt) * (side // kh) + hi // kh) * (side // kw) + wi // kw
+    else:
+        raise ValueError(f"unknown unit {kind!r}: choose from {UNITS}")
+    order = torch.sort(unit * len(unit) + torch.arange(len(unit))).indices     # by unit, raster inside a unit
+    pos = torch.stack([ti, hi, wi], -1).float()[order]
+    return order, pos, unit[order]
+
+
+def partition(z, order, scales=()):
+    """z [B,c,t,h,w] -> tokens [B,L,c] in unit order (see unit_layout)."""
+    if order is not None:
+        return rearrange(z, "b c t h w -> b (t h w) c")[:, order]
+    t = z.shape[2]
+    return torch.cat([rearrange(F.interpolate(rearrange(z, "b c t h w -> (b t) c h w"), size=s, mode="area"),
+                                "(b t) c h w -> b (t h w) c", t=t) for s in scales], 1)
+
+
+def merge(tokens, order, t, side):
+    """Inverse of partition: tokens [B,L,c] -> z [B,c,t,h,w] (for scale units: the finest unit, which is z)."""
+    if order is not None:
+        tokens = torch.empty_like(tokens).index_copy_(1, order.to(tokens.device), tokens)
+    return rearrange(tokens[:, -t * side * side:], "b (t h w) c -> b c t h w", t=t, h=side)
+
+
 def ar_sequence(inputs, codes):
     """Paper A teacher forcing: lay the tokenizer's outputs out in `frame_scale_layout` order.
 

@@ -20,10 +20,10 @@ from tqdm import tqdm
 
 import data
 from config import Config, config_from_args, load_checkpoint, parser, save_checkpoint, seed_everything
-from model import Transformer, ar_sequence, frame_scale_layout
+from model import Transformer, ar_sequence, frame_scale_layout, partition, unit_layout
 from tokenizer import Tokenizer
 
-STAGES = ["tokenizer", "ar"]
+STAGES = ["tokenizer", "ar", "teacher", "causal"]
 TOKENIZER_KEYS = ["size", "ft", "down", "patch", "width", "z_channels", "vocab", "scales"]
 MODEL_KEYS = TOKENIZER_KEYS + ["dim", "depth", "heads"]
 
@@ -247,6 +247,110 @@ def train_ar(cfg, args, digits, out, tok):
     return model.eval()
 
 
+# ------------------------------------------------------------------------ paper B: teacher and causal student
+def flow_pair(x0, t, generator):
+    """Flow matching (one convention everywhere): x_t = (1 - t) x0 + t eps, velocity v = eps - x0.
+    x0 [B,L,c], t [B,L] -> (x_t, v)."""
+    eps = torch.randn(x0.shape, generator=generator, device=x0.device)
+    return (1 - t[..., None]) * x0 + t[..., None] * eps, eps - x0
+
+
+def latent_scale(tok, cfg, digits, device, n=64):
+    """1 / std of z over training clips: the flow models work on z * scale, which has unit variance."""
+    video, _ = data.moving_mnist(n, digits, "train", cfg.mm_config(), seed=10 ** 6)
+    with torch.no_grad():
+        return float(1 / tok.encode(data.to_model(video, device)).std())
+
+
+def load_flow(ckpt_dir, stage, device="cpu"):
+    """The teacher or the causal student of a run, with its config and latent scale."""
+    state = load_checkpoint(Path(ckpt_dir) / f"{stage}.pt")
+    cfg = Config(**state["config"])
+    model = Transformer(cfg.model_config())
+    model.load_state_dict(state["model"])
+    return model.to(device).eval(), cfg, state["z_scale"]
+
+
+def train_flow(cfg, args, digits, out, tok, stage):
+    """Paper B. stage 'teacher': full attention over whole clips, noise level per clip -- the real score.
+    stage 'causal': the student, initialised from the teacher, forward mask over `cfg.unit` units.
+
+    The student is trained by teacher forcing with a clean/noisy layout (CausVid's teacher-forcing variant):
+    the sequence holds every unit twice, clean (t=0) and noisy (its own t); a noisy unit sees the clean units
+    before it and itself (model.unit_mask). At inference a unit is denoised while the KV cache holds the
+    *clean* earlier units, so this trains exactly the situation met at inference, for all units in one pass.
+    Diffusion forcing (noisy contexts) would be cheaper but trains on contexts that a clean cache never shows.
+    Data: real clips (paper B's stage 1 samples the base model; on Moving MNIST real clips are plentiful).
+    """
+    device, path = args.device, out / f"{stage}.pt"
+    steps = cfg.fm_steps if stage == "teacher" else cfg.causal_steps
+    model = Transformer(cfg.model_config()).to(device)
+    opt = torch.optim.AdamW(model.parameters(), lr=cfg.fm_lr, betas=(0.9, 0.95), weight_decay=0.05)
+    keys = MODEL_KEYS + (["frames"] if stage == "teacher" else ["frames", "unit", "stride", "cube"])
+    step = 0
+    if path.exists():
+        state = load_checkpoint(path, cfg, keys)
+        model.load_state_dict(state["model"])
+        opt.load_state_dict(state["opt"])
+        torch.set_rng_state(state["rng"])
+        step, z_scale = state["step"], state["z_scale"]
+        if step >= steps:
+            print(f"[{stage}] {path} is finished ({step} steps); skipping")
+            return model.eval()
+        print(f"[{stage}] resuming from step {step}")
+    elif stage == "causal":
+        teacher = load_checkpoint(out / "teacher.pt", cfg, MODEL_KEYS)
+        model.load_state_dict(teacher["model"])
+        z_scale = teacher["z_scale"]
+    else:
+        z_scale = latent_scale(tok, cfg, digits, device)
+    tok = tok.to(device).eval().requires_grad_(False)
+    frames, side = 1 + (cfg.frames - 1) // cfg.ft, tok.latent_side
+    order, pos, unit = unit_layout("frame" if stage == "teacher" else cfg.unit, frames, side, **cfg.unit_kwargs())
+    pos, unit = pos.to(device), unit.to(device)
+    n_units = int(unit.max()) + 1
+    if stage == "causal":   # every unit twice: clean copies, then noisy copies (see docstring)
+        noisy = torch.cat([torch.zeros_like(unit, dtype=torch.bool), torch.ones_like(unit, dtype=torch.bool)])
+        pos, unit = torch.cat([pos, pos]), torch.cat([unit, unit])
+    mm = cfg.mm_config()
+    bar = tqdm(range(step, steps), desc=stage, initial=step, total=steps, dynamic_ncols=True)
+    for step in bar:
+        video, labels = data.moving_mnist(cfg.fm_batch, digits, "train", mm, seed=batch_seed(args.seed, stage, step))
+        gen = torch.Generator(device).manual_seed(batch_seed(args.seed, stage, step))
+        with torch.no_grad():
+            x0 = partition(tok.encode(data.to_model(video, device)) * z_scale, order, cfg.unit_kwargs()["scales"])
+        b = len(x0)
+        drop = torch.rand(b, generator=gen, device=device) < cfg.cond_drop
+        prompt = torch.from_numpy(labels).to(device)
+        for g in opt.param_groups:
+            g["lr"] = lr_at(step, steps, cfg.fm_lr)
+        if stage == "teacher":
+            tt = torch.rand(b, 1, generator=gen, device=device).expand(-1, x0.shape[1])
+            xt, v = flow_pair(x0, tt, gen)
+            pred = model(xt, pos, unit, prompt, mask="full", t=tt, drop=drop)
+        else:
+            tt = torch.rand(b, n_units, generator=gen, device=device)[:, unit[len(unit) // 2:]]  # a level per unit
+            xt, v = flow_pair(x0, tt, gen)
+            pred = model(torch.cat([x0, xt], 1), pos, unit, prompt, mask="forward", noisy=noisy,
+                         t=torch.cat([torch.zeros_like(tt), tt], 1), drop=drop)[:, x0.shape[1]:]
+        loss = F.mse_loss(pred, v)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        bar.set_postfix(loss=f"{loss.item():.4f}")
+        log(out, stage=stage, step=step + 1, loss=loss.item())
+        stop = args.stop_after and step + 1 - bar.initial >= args.stop_after
+        if (step + 1) % cfg.eval_every == 0 or step + 1 == steps or stop:
+            save_checkpoint(path, config=asdict(cfg), model=model.state_dict(), opt=opt.state_dict(),
+                            rng=torch.get_rng_state(), step=step + 1, z_scale=z_scale)
+        if stop:
+            bar.close()
+            print(f"[{stage}] stopped after {args.stop_after} steps (--stop-after); run again to resume")
+            sys.exit(0)
+    return model.eval()
+
+
 # ---------------------------------------------------------------------------------------------------- main
 def main(argv=None):
     p = parser(__doc__.split("\n")[0])
@@ -271,8 +375,24 @@ def main(argv=None):
             tok = train_tokenizer(cfg, args, digits, out)
         elif stage == "ar":
             tok = tok or load_tokenizer(out, args.device)[0]
-            train_ar(cfg, args, digits, out, tok)
+            model = train_ar(cfg, args, digits, out, tok)
+            write_sample_gif(cfg, args, out, model, tok)
+        else:
+            tok = tok or load_tokenizer(out, args.device)[0]
+            train_flow(cfg, args, digits, out, tok, stage)
     print(f"[train] done in {time.time() - t0:.0f} s; outputs in {out}/")
+
+
+def write_sample_gif(cfg, args, out, model, tok, n=8):
+    """End of paper A training: 8 prompted clips to look at (out/sample_ar.gif, prompts in the file name's .txt)."""
+    from sample import generate_ar
+    gen = torch.Generator(args.device).manual_seed(args.seed)
+    prompts = torch.randint(0, 10, (n, cfg.num_digits), generator=gen, device=args.device)
+    f_hat = generate_ar(model, tok, prompts, 1 + (cfg.frames - 1) // cfg.ft, gen, progress=False)
+    data.save_gif(out / "sample_ar.gif", data.from_model(tok.decode(f_hat)))
+    (out / "sample_ar.txt").write_text("\n".join(" ".join(map(str, p.tolist())) for p in prompts) + "\n")
+    print(f"[ar] samples for prompts {', '.join(' '.join(map(str, p.tolist())) for p in prompts)} -> "
+          f"{out / 'sample_ar.gif'}")
 
 
 def data_source_line(d):
