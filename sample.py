@@ -13,8 +13,8 @@ from einops import rearrange
 from tqdm import tqdm
 
 import data
-from model import KVCache, grid_positions
-from train import load_ar, load_tokenizer, reconstruct
+from model import KVCache, grid_positions, merge, partition, unit_layout
+from train import load_ar, load_flow, load_tokenizer, reconstruct
 
 
 def sample_logits(logits, generator, temperature=1.0, top_k=0, top_p=1.0):
@@ -77,12 +77,111 @@ def generate_ar(model, tok, prompts, frames, generator, cfg_scale=3.0, cfg_sched
     return torch.stack(out, 2)
 
 
+def guided_velocity(model, x, pos, unit, prompt_in, drop, t, b, cfg_scale, **kw):
+    """One model call on the CFG-doubled batch -> guided velocity [b,L,c]: v_uncond + w (v_cond - v_uncond)."""
+    doubled = len(prompt_in) > b
+    v = model(torch.cat([x, x]) if doubled else x, pos, unit, prompt_in, drop=drop,
+              t=torch.full((len(prompt_in), x.shape[1]), t, device=x.device), **kw)
+    return v[b:] + cfg_scale * (v[:b] - v[b:]) if doubled else v
+
+
+def cfg_batch(prompts, b, cfg_scale, device):
+    """Prompts and null-condition flags for a batch of b clips, doubled for classifier-free guidance."""
+    if prompts is None:
+        return torch.zeros(b, 1, dtype=torch.long, device=device), torch.ones(b, dtype=torch.bool, device=device)
+    prompt_in = torch.cat([prompts, prompts]) if cfg_scale != 1.0 else prompts
+    return prompt_in, torch.arange(len(prompt_in), device=device) >= b
+
+
+@torch.no_grad()
+def generate_teacher(model, prompts, frames, side, channels, generator, steps=25, cfg_scale=3.0, progress=True):
+    """Paper B's base model: `steps` Euler steps of the flow ODE from noise (t=1) to data (t=0) over the whole
+    clip at once (full attention). Returns z [B,c,frames,h,w] (scaled latent)."""
+    device = next(model.parameters()).device
+    b = len(prompts)
+    order, pos, unit = unit_layout("frame", frames, side)
+    pos, unit = pos.to(device), unit.to(device)
+    prompt_in, drop = cfg_batch(prompts, b, cfg_scale, device)
+    x = torch.randn(b, len(unit), channels, generator=generator, device=device)
+    ts = torch.linspace(1, 0, steps + 1).tolist()
+    for t, t_next in tqdm(list(zip(ts, ts[1:])), desc="steps", disable=not progress):
+        x = x + (t_next - t) * guided_velocity(model, x, pos, unit, prompt_in, drop, t, b, cfg_scale, mask="full")
+    return merge(x, order, frames, side)
+
+
+def stream_layout(kind, frames, chunk, side, **kw):
+    """Units of a video of `frames` latent frames, as consecutive chunks of the trained length `chunk`, each laid
+    out as in training (model.unit_layout), times continuing. -> list of (pos [l,3], order [l] or None, c0, n, u):
+    order indexes the raster (t,h,w) of the whole video (None for scale units, whose level is u in a chunk of n
+    frames starting at frame c0)."""
+    units = []
+    for c0 in range(0, frames, chunk):
+        n = min(chunk, frames - c0)
+        order, pos, unit = unit_layout(kind, n, side, **kw)
+        pos = pos + torch.tensor([float(c0), 0, 0])
+        for u in range(int(unit.max()) + 1):
+            sel = unit == u
+            units.append((pos[sel], None if order is None else order[sel] + c0 * side * side, c0, n, u))
+    return units
+
+
+@torch.no_grad()
+def generate_student(model, prompts, frames, chunk, side, channels, generator, kind="cube", unit_kw=None, steps=4,
+                     cfg_scale=3.0, context=None, context_len=0, progress=True, on_unit=None):
+    """Paper B streaming generation (Sec. 3.4): unit by unit, `steps` Euler steps each, attending to the KV cache
+    of the clean earlier units without writing to it; then one clean re-forward (t=0) writes the finished unit.
+    context_len > 0 keeps only that many units in the cache (rolling: the oldest are evicted), so time and memory
+    per unit stay constant however long the video. context: scaled z [B,c,t_ctx,h,w] of given frames; units lying
+    wholly inside them are teacher-forced. Returns z [B,c,frames,h,w]; on_unit(i, cache) is called after each unit."""
+    device = next(model.parameters()).device
+    unit_kw = unit_kw or {}
+    scales = unit_kw.get("scales", ())
+    b = len(prompts) if prompts is not None else len(context)
+    prompt_in, drop = cfg_batch(prompts, b, cfg_scale, device)
+    doubled = len(prompt_in) > b
+    cache = KVCache(model.cfg.depth)
+    z = torch.zeros(b, channels, frames, side, side, device=device)
+    ctx_frames = 0 if context is None else context.shape[2]
+    ts = torch.linspace(1, 0, steps + 1).tolist()
+    for i, (pos, order, c0, n, u) in enumerate(tqdm(stream_layout(kind, frames, chunk, side, **unit_kw),
+                                                     desc="units", disable=not progress)):
+        pos = pos.to(device)
+        unit = torch.full((len(pos),), i, device=device)
+        if pos[:, 0].max() < ctx_frames:       # a unit of the given frames: its clean tokens
+            x = partition(context, order) if order is not None else \
+                partition(context[:, :, c0:c0 + n], None, scales[u:u + 1])
+        else:
+            x = torch.randn(b, len(pos), channels, generator=generator, device=device)
+            noisy = torch.ones(len(pos), dtype=torch.bool, device=device)
+            for t, t_next in zip(ts, ts[1:]):
+                v = guided_velocity(model, x, pos, unit, prompt_in, drop, t, b, cfg_scale, mask="forward",
+                                    noisy=noisy, cache=cache)
+                x = x + (t_next - t) * v
+        model(torch.cat([x, x]) if doubled else x, pos, unit, prompt_in, drop=drop,
+              t=torch.zeros(len(prompt_in), len(pos), device=device), mask="forward", cache=cache, append=True)
+        if order is not None:
+            z.view(b, channels, -1)[:, :, order.to(device)] = x.transpose(1, 2)
+        elif u == len(scales) - 1:             # the finest scale unit of a chunk is the latent itself
+            z[:, :, c0:c0 + n] = merge(x, None, n, side)
+        if context_len:
+            cache.evict(context_len)
+        if on_unit:
+            on_unit(i, cache)
+    return z
+
+
 def build_parser():
     import argparse
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0], allow_abbrev=False,
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--ckpt", required=True, help="run directory written by train.py")
-    p.add_argument("--method", choices=["ar"], help="ar: paper A, next-scale in a frame, next-frame across frames")
+    p.add_argument("--method", choices=["ar", "teacher", "student"], help="ar: paper A (next-scale in a frame, "
+                   "next-frame across frames); teacher: paper B's full-attention flow model; student: paper B's "
+                   "causal model, unit by unit with a KV cache")
+    p.add_argument("--steps", type=int, default=0, help="Euler steps (teacher: whole clip, default 25; "
+                   "student: per unit, default 4)")
+    p.add_argument("--context-len", type=int, default=-1, help="student: units kept in the rolling KV cache "
+                   "(-1: one trained clip's units minus one; 0: all)")
     p.add_argument("--prompt", help='digits the clips should show, e.g. "3 7" (default: random digits per clip)')
     p.add_argument("--num", type=int, default=8, help="number of clips")
     p.add_argument("--frames", type=int, default=0, help="video frames, 1 + ft*k (default: the trained length)")
@@ -132,9 +231,9 @@ def main(argv=None):
             p.error(f"{args.reconstruct}: {e}")
         write_outputs(args, out)
         return 0
-    if args.method != "ar":
-        p.error("say what to do: --method ar, or --reconstruct IN.npy")
-    video = run_ar(p, args)
+    if args.method is None:
+        p.error("say what to do: --method ar|teacher|student, or --reconstruct IN.npy")
+    video = run_ar(p, args) if args.method == "ar" else run_flow(p, args)
     write_outputs(args, video)
     return 0
 
@@ -151,39 +250,72 @@ def parse_prompts(p, args, n, num_digits, generator):
     return torch.randint(0, 10, (n, num_digits), generator=generator)
 
 
-def run_ar(p, args):
-    """Everything --method ar does: prompts, context, generation, decoding -> uint8 [N,T,H,W]."""
-    tok, cfg = load_tokenizer(args.ckpt, args.device)
-    model, _ = load_ar(args.ckpt, args.device)
-    gen = torch.Generator(args.device).manual_seed(args.seed)
+def frames_and_context(p, args, cfg, tok):
+    """Check --frames / --context-frames; read and encode --context. -> (video frames, context clip, z or None)."""
     frames = args.frames or cfg.frames
     if frames < 1 or (frames - 1) % cfg.ft:
         p.error(f"--frames must be 1 + {cfg.ft}*k, got {frames}")
-    latent_frames = 1 + (frames - 1) // cfg.ft
-    trained = 1 + (cfg.frames - 1) // cfg.ft
-    window = trained - 1 if args.window < 0 else args.window
-    context, ctx_video, n = None, None, args.num
-    if args.context:
-        if (args.context_frames - 1) % cfg.ft or args.context_frames > frames:
-            p.error(f"--context-frames must be 1 + {cfg.ft}*k and at most --frames, got {args.context_frames}")
-        ctx_video = data.check_video(np.load(args.context))[:, :args.context_frames]
-        if ctx_video.shape[1] < args.context_frames:
-            p.error(f"{args.context}: {ctx_video.shape[1]} frames, fewer than --context-frames {args.context_frames}")
-        n = len(ctx_video)
-        try:
-            z = tok.encode(data.to_model(ctx_video, args.device))
-        except (TypeError, ValueError) as e:
-            p.error(f"{args.context}: {e}")
-        context = tok.quantize(z)[0]
-    prompts = parse_prompts(p, args, n, cfg.num_digits, gen).to(args.device) if (args.prompt or not args.context) else None
-    f_hat = generate_ar(model, tok, prompts, latent_frames, gen, args.cfg, args.cfg_schedule, args.temperature,
-                        args.top_k, args.top_p, context, window)
-    video = data.from_model(tok.decode(f_hat), squeeze=False)
-    if ctx_video is not None:      # keep the given frames as they were
-        video[:, :ctx_video.shape[1]] = ctx_video
+    if not args.context:
+        return frames, None, None
+    if (args.context_frames - 1) % cfg.ft or args.context_frames > frames:
+        p.error(f"--context-frames must be 1 + {cfg.ft}*k and at most --frames, got {args.context_frames}")
+    clip = data.check_video(np.load(args.context))[:, :args.context_frames]
+    if clip.shape[1] < args.context_frames:
+        p.error(f"{args.context}: {clip.shape[1]} frames, fewer than --context-frames {args.context_frames}")
+    try:
+        return frames, clip, tok.encode(data.to_model(clip, args.device))
+    except (TypeError, ValueError) as e:
+        p.error(f"{args.context}: {e}")
+
+
+def finish(video, clip, prompts):
+    """Keep the given context frames as they were; report the prompts."""
+    if clip is not None:
+        video[:, :clip.shape[1]] = clip
     if prompts is not None:
         print("[sample] prompts: " + "; ".join(" ".join(map(str, r.tolist())) for r in prompts[:8]))
     return video[..., 0]
+
+
+def run_flow(p, args):
+    """--method teacher | student -> uint8 [N,T,H,W]."""
+    tok, _ = load_tokenizer(args.ckpt, args.device)
+    model, cfg, z_scale = load_flow(args.ckpt, "teacher" if args.method == "teacher" else "causal", args.device)
+    gen = torch.Generator(args.device).manual_seed(args.seed)
+    frames, clip, z_ctx = frames_and_context(p, args, cfg, tok)
+    latent, side, c = 1 + (frames - 1) // cfg.ft, tok.latent_side, cfg.z_channels
+    n = args.num if clip is None else len(clip)
+    prompts = parse_prompts(p, args, n, cfg.num_digits, gen).to(args.device) if (args.prompt or clip is None) else None
+    if args.method == "teacher":
+        if clip is not None:
+            p.error("--context needs --method student (the teacher generates whole clips)")
+        z = generate_teacher(model, prompts, latent, side, c, gen, args.steps or 25, args.cfg)
+    else:
+        chunk = 1 + (cfg.frames - 1) // cfg.ft
+        n_units = len(stream_layout(cfg.unit, chunk, chunk, side, **cfg.unit_kwargs()))
+        context_len = n_units - 1 if args.context_len < 0 else args.context_len
+        try:
+            z = generate_student(model, prompts, latent, chunk, side, c, gen, cfg.unit, cfg.unit_kwargs(),
+                                 args.steps or 4, args.cfg, None if z_ctx is None else z_ctx * z_scale, context_len)
+        except ValueError as e:
+            p.error(str(e))
+    return finish(data.from_model(tok.decode(z / z_scale), squeeze=False), clip, prompts)
+
+
+def run_ar(p, args):
+    """--method ar -> uint8 [N,T,H,W]."""
+    tok, cfg = load_tokenizer(args.ckpt, args.device)
+    model, _ = load_ar(args.ckpt, args.device)
+    gen = torch.Generator(args.device).manual_seed(args.seed)
+    frames, clip, z_ctx = frames_and_context(p, args, cfg, tok)
+    trained = 1 + (cfg.frames - 1) // cfg.ft
+    window = trained - 1 if args.window < 0 else args.window
+    context = None if z_ctx is None else tok.quantize(z_ctx)[0]
+    n = args.num if clip is None else len(clip)
+    prompts = parse_prompts(p, args, n, cfg.num_digits, gen).to(args.device) if (args.prompt or clip is None) else None
+    f_hat = generate_ar(model, tok, prompts, 1 + (frames - 1) // cfg.ft, gen, args.cfg, args.cfg_schedule,
+                        args.temperature, args.top_k, args.top_p, context, window)
+    return finish(data.from_model(tok.decode(f_hat), squeeze=False), clip, prompts)
 
 
 if __name__ == "__main__":

@@ -1,0 +1,128 @@
+"""Paper B contracts: units partition and merge exactly, masks follow unit order, the KV cache reproduces the
+masked full forward for every unit type (teacher-forcing layout included)."""
+import pytest
+import torch
+
+import sample
+from model import KVCache, ModelConfig, Transformer, merge, partition, unit_layout, unit_mask
+
+T, SIDE, C = 4, 8, 6
+SCALES = (1, 2, 4, 8)
+CASES = [("frame", {}, 4), ("keydetail", dict(stride=2), 2), ("cube", dict(cube=(2, 4, 4)), 8),
+         ("cube", dict(cube=(1, 2, 2)), 64), ("cube", dict(cube=(4, 4, 4)), 4), ("scale", dict(scales=SCALES), 4)]
+IDS = [f"{k}-{v}" for k, v, _ in CASES]
+
+
+def randomised(model):
+    torch.manual_seed(0)
+    for p in model.parameters():
+        torch.nn.init.normal_(p, std=0.2)
+    return model.eval()
+
+
+@pytest.fixture(scope="module")
+def model():
+    return randomised(Transformer(ModelConfig(dim=32, depth=2, heads=2, in_channels=C)))
+
+
+@pytest.mark.parametrize("kind,kw,n_units", CASES, ids=IDS)
+def test_partition_merge_round_trip_and_unit_counts(kind, kw, n_units):
+    z = torch.randn(2, C, T, SIDE, SIDE)
+    order, pos, unit = unit_layout(kind, T, SIDE, **kw)
+    tokens = partition(z, order, kw.get("scales", ()))
+    assert len(unit.unique()) == n_units and tokens.shape[1] == len(unit) == len(pos)
+    assert torch.equal(merge(tokens, order, T, SIDE), z)
+    assert (unit[1:] >= unit[:-1]).all()                     # tokens are laid out in unit order
+    if kind == "keydetail":                                    # frames 0, 2 first, then 1, 3
+        assert pos[unit == 0, 0].unique().tolist() == [0, 2] and pos[unit == 1, 0].unique().tolist() == [1, 3]
+    if kind == "cube":                                         # time-major: all cubes of the first time slab first
+        assert pos[unit < n_units // (T // kw["cube"][0]), 0].max() < kw["cube"][0]
+
+
+def test_cube_that_does_not_divide_is_a_clear_error():
+    with pytest.raises(ValueError, match="does not divide"):
+        unit_layout("cube", 5, SIDE, cube=(2, 4, 4))
+    with pytest.raises(ValueError, match="unknown unit"):
+        unit_layout("pixel", T, SIDE)
+
+
+def test_masks_follow_unit_order():
+    u = torch.tensor([0, 0, 1, 2, 2])
+    assert torch.equal(unit_mask(u, u, "forward"), u[None, :] <= u[:, None])
+    assert torch.equal(unit_mask(u, u, "backward"), u[None, :] >= u[:, None])
+    assert unit_mask(u, u, "full").all()
+    # teacher-forcing layout: noisy unit 1 sees clean unit 0 and noisy unit 1 only
+    uu, noisy = torch.cat([u, u]), torch.tensor([False] * 5 + [True] * 5)
+    m = unit_mask(uu, uu, "forward", noisy, noisy)
+    assert m[7].tolist() == [True, True, False, False, False, False, False, True, False, False]
+    assert not m[:5, 5:].any()                                 # clean tokens never see noisy ones
+
+
+@pytest.mark.parametrize("kind,kw,n_units", CASES, ids=IDS)
+def test_forward_and_backward_masks_are_causal_in_their_direction(model, kind, kw, n_units):
+    _, pos, unit = unit_layout(kind, T, SIDE, **kw)
+    x, prompt = torch.randn(1, len(unit), C), torch.tensor([[1, 2]])
+    tt = torch.rand(1, len(unit))
+    mid = n_units // 2
+    y = x.clone()
+    y[:, unit == mid] += 2.0
+    for mask, same in (("forward", unit < mid), ("backward", unit > mid)):
+        a = model(x, pos, unit, prompt, mask=mask, t=tt)
+        b = model(y, pos, unit, prompt, mask=mask, t=tt)
+        assert torch.allclose(a[:, same], b[:, same], atol=1e-5)
+        assert not torch.allclose(a[:, unit == mid], b[:, unit == mid], atol=1e-3)
+    full = model(x, pos, unit, prompt, mask="full", t=tt) - model(y, pos, unit, prompt, mask="full", t=tt)
+    assert full[:, unit != mid].abs().max() > 1e-3              # full attention: everything sees the change
+
+
+@pytest.mark.parametrize("kind,kw,n_units", CASES, ids=IDS)
+def test_incremental_with_cache_equals_teacher_forced_full_forward(model, kind, kw, n_units):
+    """Denoising a unit against the cache of clean earlier units (then appending it clean) gives exactly the
+    outputs of the training forward over the clean/noisy layout."""
+    _, pos, unit = unit_layout(kind, T, SIDE, **kw)
+    L = len(unit)
+    x0, xt = torch.randn(1, L, C), torch.randn(1, L, C)
+    tt = torch.rand(1, n_units)[:, unit]
+    prompt = torch.tensor([[3, 4]])
+    noisy = torch.tensor([False] * L + [True] * L)
+    full = model(torch.cat([x0, xt], 1), torch.cat([pos, pos]), torch.cat([unit, unit]), prompt, mask="forward",
+                 noisy=noisy, t=torch.cat([torch.zeros_like(tt), tt], 1))
+    cache, got_noisy, got_clean = KVCache(2), [], []
+    for u in range(n_units):
+        sel = unit == u
+        got_noisy.append(model(xt[:, sel], pos[sel], unit[sel], prompt, mask="forward", t=tt[:, sel], cache=cache,
+                               noisy=torch.ones(int(sel.sum()), dtype=torch.bool)))
+        got_clean.append(model(x0[:, sel], pos[sel], unit[sel], prompt, mask="forward", t=torch.zeros_like(tt[:, sel]),
+                               cache=cache, append=True))
+    assert torch.allclose(torch.cat(got_noisy, 1), full[:, L:], atol=1e-4)
+    assert torch.allclose(torch.cat(got_clean, 1), full[:, :L], atol=1e-4)
+
+
+@pytest.mark.parametrize("kind,kw,n_units", CASES, ids=IDS)
+def test_student_stream_teacher_forced_equals_masked_forward(model, kind, kw, n_units):
+    """generate_student walks the units in the training order: teacher-forced with a whole clip as context, the
+    clean re-forwards it writes into the cache produce the outputs of one forward-masked pass over the clip."""
+    z = torch.randn(1, C, T, SIDE, SIDE)
+    order, pos, unit = unit_layout(kind, T, SIDE, **kw)
+    prompt = torch.tensor([[3, 4]])
+    ref = model(partition(z, order, kw.get("scales", ())), pos, unit, prompt, mask="forward", t=torch.zeros(1, len(unit)))
+    seen = []
+    hook = model.register_forward_hook(lambda m, a, kwargs, out: seen.append(out) if kwargs.get("append") else None,
+                                       with_kwargs=True)
+    try:
+        out = sample.generate_student(model, prompt, T, T, SIDE, C, torch.Generator(), kind, kw, cfg_scale=1.0,
+                                      context=z, progress=False)
+    finally:
+        hook.remove()
+    assert torch.allclose(torch.cat(seen, 1), ref, atol=1e-4)
+    assert torch.allclose(out, z)
+
+
+def test_student_memory_is_bounded_by_the_context_length(model):
+    """With a rolling cache of n units, the cache never holds more than n units, however long the video."""
+    sizes = []
+    z = sample.generate_student(model, torch.tensor([[1, 2]]), 12, T, SIDE, C, torch.Generator().manual_seed(0),
+                                "cube", dict(cube=(2, 4, 4)), steps=1, cfg_scale=1.0, context_len=3,
+                                progress=False, on_unit=lambda i, cache: sizes.append(cache.num_units()))
+    assert z.shape == (1, C, 12, SIDE, SIDE) and len(sizes) == 12 // 2 * 4
+    assert max(sizes) == 3 and sizes[-1] == 3
