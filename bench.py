@@ -1,0 +1,175 @@
+"""Speed, side by side in one run: sampling throughput of every generation method, training step time, achieved
+GFLOP/s against the matmul peak measured here, and memory. Speed does not depend on the weights, so models are
+freshly initialised unless --ckpt names a trained run.
+
+  python bench.py --config toy                 # one table
+  python bench.py --config toy --long 1001     # + streaming student: time and KV-cache size per unit along a long video
+"""
+import resource
+import sys
+import time
+
+import torch
+import torch.nn.functional as F
+from torch.utils.flop_counter import FlopCounterMode
+
+import data
+from config import Config, config_from_args, parser
+from model import Transformer, ar_sequence, frame_scale_layout, partition, unit_layout
+from sample import generate_ar, generate_student, generate_teacher, stream_layout
+from tokenizer import Tokenizer
+
+
+def matmul_peak(device, n=2048, reps=10):
+    """GFLOP/s of an n x n fp32 matmul: the ceiling the other rows are compared with."""
+    a, b = torch.randn(n, n, device=device), torch.randn(n, n, device=device)
+    for _ in range(3):
+        a @ b
+    sync(device)
+    t = time.perf_counter()
+    for _ in range(reps):
+        a @ b
+    sync(device)
+    return 2 * n ** 3 * reps / (time.perf_counter() - t) / 1e9
+
+
+def sync(device):
+    if str(device).startswith("cuda"):
+        torch.cuda.synchronize()
+
+
+def timed(fn, device, reps=3):
+    """(seconds per call, GFLOP per call) of fn(), after one warm-up call."""
+    fn()
+    with FlopCounterMode(display=False) as fc:
+        fn()
+    sync(device)
+    t = time.perf_counter()
+    for _ in range(reps):
+        fn()
+    sync(device)
+    return (time.perf_counter() - t) / reps, fc.get_total_flops() / 1e9
+
+
+def peak_mem_mb(device):
+    if str(device).startswith("cuda"):
+        return torch.cuda.max_memory_allocated() / 2 ** 20
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024   # process peak RSS (Linux: KiB)
+
+
+def train_steps(cfg, tok, ar, flow, device, b):
+    """One optimizer-free training step (forward + backward) of each stage, on a batch of b clips."""
+    digits = data.load_digits(cfg.data_dir or None, verbose=False)
+    video, labels = data.moving_mnist(b, digits, "train", cfg.mm_config(), seed=0)
+    x = data.to_model(video, device)
+    prompt = torch.from_numpy(labels).to(device)
+    t = 1 + (cfg.frames - 1) // cfg.ft
+    pos, unit, _ = (a.to(device) for a in frame_scale_layout(t, tok.scales, tok.latent_side))
+    start = unit % len(tok.scales) == 0
+    with torch.no_grad():
+        z = tok.encode(x)
+        codes, inputs, _, _ = tok.quantize(z)
+    xs, ys = ar_sequence(inputs, codes)
+    tok_x = data.to_model(video[:, :cfg.tok_frames], device)
+    order, fpos, funit = unit_layout(cfg.unit, t, tok.latent_side, **cfg.unit_kwargs())
+    x0 = partition(z, order, cfg.unit_kwargs()["scales"])
+    noisy = torch.cat([torch.zeros_like(funit, dtype=torch.bool), torch.ones_like(funit, dtype=torch.bool)]).to(device)
+    fpos, funit = fpos.to(device), funit.to(device)
+
+    def tokenizer_step():
+        rec, rec_q, vq, _ = tok(tok_x)
+        (F.mse_loss(rec, tok_x) + F.mse_loss(rec_q, tok_x) + vq).backward()
+
+    def ar_step():
+        F.cross_entropy(ar(xs, pos, unit, prompt, start=start).flatten(0, 1), ys.flatten()).backward()
+
+    raster, rpos, runit = unit_layout("frame", t, tok.latent_side)
+    xr, rpos, runit = partition(z, raster), rpos.to(device), runit.to(device)
+
+    def teacher_step():
+        flow(xr, rpos, runit, prompt, mask="full", t=torch.rand(b, len(runit), device=device)).square().mean().backward()
+
+    def causal_step():
+        tt = torch.rand(b, 2 * len(funit), device=device)
+        flow(torch.cat([x0, x0], 1), torch.cat([fpos, fpos]), torch.cat([funit, funit]), prompt, mask="forward",
+             noisy=noisy, t=tt).square().mean().backward()
+
+    return {"train tokenizer": (tokenizer_step, b * cfg.tok_frames), "train ar": (ar_step, b * cfg.frames),
+            "train teacher": (teacher_step, b * cfg.frames), f"train causal ({cfg.unit})": (causal_step, b * cfg.frames)}
+
+
+def main(argv=None):
+    p = parser(__doc__.split("\n")[0])
+    p.add_argument("--num", type=int, default=4, help="clips per sampling call")
+    p.add_argument("--long", type=int, default=0, help="also stream the student for this many frames (1 + ft*k)")
+    args = p.parse_args(argv)
+    cfg = config_from_args(args)
+    device = args.device
+    torch.manual_seed(args.seed)
+    tok = Tokenizer(cfg.tokenizer_config(), cfg.size).to(device).eval()
+    ar = Transformer(cfg.model_config(vocab=cfg.vocab)).to(device)
+    flow = Transformer(cfg.model_config()).to(device)
+    t = 1 + (cfg.frames - 1) // cfg.ft
+    side, c, n = tok.latent_side, cfg.z_channels, args.num
+    prompts = torch.randint(0, 10, (n, cfg.num_digits), device=device)
+    gen = torch.Generator(device)
+    peak = matmul_peak(device)
+    print(f"device {device}, threads {torch.get_num_threads()}, matmul peak {peak:.0f} GFLOP/s; config: "
+          f"{cfg.frames} frames of {cfg.size}x{cfg.size}, latent {t}x{side}x{side}x{c}, scales {tok.scales}, "
+          f"model dim {cfg.dim} depth {cfg.depth}")
+    print("fwd/frame: transformer forward passes per video frame (ar: K scales per latent frame; teacher: one per "
+          "step for the whole clip; student: (steps + 1 clean re-forward) per unit)")
+    print(f"{'what':40s} {'s/call':>8s} {'frames/s':>9s} {'GFLOP/s':>8s} {'of peak':>8s} {'fwd/frame':>9s} {'peak MB':>8s}")
+
+    def row(name, fn, frames, fwd_per_frame=""):
+        sec, gflop = timed(fn, device, reps=2)
+        print(f"{name:40s} {sec:8.3f} {frames / sec:9.1f} {gflop / sec:8.1f} {gflop / sec / peak:8.1%} "
+              f"{fwd_per_frame!s:>9s} {peak_mem_mb(device):8.0f}", flush=True)
+
+    with torch.no_grad():
+        row("sample ar (CFG 3)", lambda: tok.decode(generate_ar(ar, tok, prompts, t, gen, progress=False)),
+            n * cfg.frames, f"{len(tok.scales) * t / cfg.frames:.2f}")
+        for steps in (25, 50):
+            row(f"sample teacher {steps} steps (CFG 3)",
+                lambda: tok.decode(generate_teacher(flow, prompts, t, side, c, gen, steps, progress=False)),
+                n * cfg.frames, f"{steps / cfg.frames:.2f}")
+        units = len(stream_layout(cfg.unit, t, t, side, **cfg.unit_kwargs()))
+        row(f"sample student {cfg.unit} 4 steps (CFG 3)",
+            lambda: tok.decode(generate_student(flow, prompts, t, t, side, c, gen, cfg.unit, cfg.unit_kwargs(), 4,
+                                                progress=False)), n * cfg.frames, f"{units * 5 / cfg.frames:.2f}")
+    b = cfg.ar_batch
+    for name, (fn, frames) in train_steps(cfg, tok.train(), ar, flow, device, b).items():
+        row(f"{name} (batch {b}, fwd+bwd)", fn, frames)
+    if args.long:
+        long_video(args, cfg, flow, prompts[:1], device)
+
+
+def long_video(args, cfg, flow, prompt, device):
+    """Streaming student over a long video: seconds and cache size at unit ~10 and at the last units."""
+    if (args.long - 1) % cfg.ft:
+        raise SystemExit(f"--long must be 1 + {cfg.ft}*k")
+    chunk = 1 + (cfg.frames - 1) // cfg.ft
+    latent, side = 1 + (args.long - 1) // cfg.ft, cfg.size // cfg.down
+    units = len(stream_layout(cfg.unit, chunk, chunk, side, **cfg.unit_kwargs()))
+    stamps = []
+
+    def on_unit(i, cache):
+        sync(device)
+        kv = sum(k.numel() + v.numel() for k, v in zip(cache.k, cache.v) if k is not None) * 4 / 2 ** 20
+        stamps.append((time.perf_counter(), kv, len(cache)))
+
+    t0 = time.perf_counter()
+    with torch.no_grad():
+        generate_student(flow, prompt, latent, chunk, side, cfg.z_channels, torch.Generator(device), cfg.unit,
+                         cfg.unit_kwargs(), 4, 3.0, None, units - 1, progress=True, on_unit=on_unit)
+    times = [b[0] - a[0] for a, b in zip(stamps, stamps[1:])]
+    n = len(times)
+    early, late = sum(times[5:15]) / 10, sum(times[-10:]) / 10
+    print(f"long video: {args.long} frames = {n + 1} {cfg.unit} units in {time.perf_counter() - t0:.1f} s; "
+          f"per unit: {early * 1e3:.1f} ms at units 6-15 vs {late * 1e3:.1f} ms at the last 10 "
+          f"({late / early - 1:+.1%}); KV cache {stamps[10][1]:.2f} MB ({stamps[10][2]} tokens) at unit 10 vs "
+          f"{stamps[-1][1]:.2f} MB ({stamps[-1][2]} tokens) at unit {n + 1}; peak RSS {peak_mem_mb(device):.0f} MB")
+
+
+if __name__ == "__main__":
+    sys.exit(main())
