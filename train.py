@@ -56,6 +56,47 @@ def psnr(a, b):
     return float(np.mean(10 * np.log10(1 / np.maximum(mse, 1e-10))))
 
 
+# ------------------------------------------------------------------------------ the loop shared by all stages
+def resume(path, cfg, keys, model, opt, name, total):
+    """Restore model, optimizer and RNG from `path` when it exists (refusing one written under other `keys`).
+    -> (first step to run, the saved state or None)."""
+    if not path.exists():
+        return 0, None
+    state = load_checkpoint(path, cfg, keys)
+    model.load_state_dict(state["model"])
+    opt.load_state_dict(state["opt"])
+    torch.set_rng_state(state["rng"])
+    print(f"[{name}] {path} is finished ({state['step']} steps); skipping" if state["step"] >= total
+          else f"[{name}] resuming from step {state['step']}")
+    return state["step"], state
+
+
+def optimize(model, opt, loss, lr):
+    opt.zero_grad(set_to_none=True)
+    for g in opt.param_groups:
+        g["lr"] = lr
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+    opt.step()
+
+
+def end_of_step(args, bar, step, total, every):
+    """-> (save a checkpoint now?, stop after it?): every `every` steps, at the end, and at --stop-after."""
+    stop = bool(args.stop_after) and step + 1 - bar.initial >= args.stop_after
+    return (step + 1) % every == 0 or step + 1 == total or stop, stop
+
+
+def save_stage(path, cfg, model, opt, step, **extra):
+    save_checkpoint(path, config=asdict(cfg), model=model.state_dict(), opt=opt.state_dict(),
+                    rng=torch.get_rng_state(), step=step, **extra)
+
+
+def stop_now(bar, name, args):
+    bar.close()
+    print(f"[{name}] stopped after {args.stop_after} steps (--stop-after); run again to resume")
+    sys.exit(0)
+
+
 # ------------------------------------------------------------------------------------------------ tokenizer
 def build_tokenizer(cfg):
     return Tokenizer(cfg.tokenizer_config(), cfg.size)
@@ -104,17 +145,9 @@ def train_tokenizer(cfg, args, digits, out):
     path = out / "tokenizer.pt"
     tok = build_tokenizer(cfg).to(device)
     opt = torch.optim.AdamW(tok.parameters(), lr=cfg.tok_lr, betas=(0.9, 0.95), weight_decay=0.0)
-    step = 0
-    if path.exists():
-        state = load_checkpoint(path, cfg, TOKENIZER_KEYS)
-        tok.load_state_dict(state["model"])
-        opt.load_state_dict(state["opt"])
-        torch.set_rng_state(state["rng"])
-        step = state["step"]
-        if step >= cfg.tok_steps:
-            print(f"[tokenizer] {path} is finished ({step} steps); skipping")
-            return tok.eval()
-        print(f"[tokenizer] resuming from step {step}")
+    step, _ = resume(path, cfg, TOKENIZER_KEYS, tok, opt, "tokenizer", cfg.tok_steps)
+    if step >= cfg.tok_steps:
+        return tok.eval()
     heldout, _ = heldout_clips(cfg, digits, cfg.eval_clips)
     mm = cfg.mm_config(cfg.tok_frames)
     t_data = t_step = 0.0
@@ -124,21 +157,16 @@ def train_tokenizer(cfg, args, digits, out):
         video, _ = data.moving_mnist(cfg.tok_batch, digits, "train", mm, seed=batch_seed(args.seed, "tokenizer", step))
         x = data.to_model(video, device)
         t1 = time.perf_counter()
-        for g in opt.param_groups:
-            g["lr"] = lr_at(step, cfg.tok_steps, cfg.tok_lr)
         rec, rec_q, vq_loss, z = tok(x)
         loss = F.mse_loss(rec, x) + F.mse_loss(rec_q, x) + vq_loss
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(tok.parameters(), 1.0)
-        opt.step()
+        optimize(tok, opt, loss, lr_at(step, cfg.tok_steps, cfg.tok_lr))
         if step % 25 == 0:   # keep every code alive (see MultiScaleVQ.restart_dead_codes)
             tok.vq.restart_dead_codes(z.detach().transpose(1, 2).flatten(0, 1))
         t_data, t_step = t_data + t1 - t0, t_step + time.perf_counter() - t1
         bar.set_postfix(loss=f"{loss.item():.4f}")
         log(out, stage="tokenizer", step=step + 1, loss=loss.item())
-        stop = args.stop_after and step + 1 - bar.initial >= args.stop_after
-        if (step + 1) % cfg.eval_every == 0 or step + 1 == cfg.tok_steps or stop:
+        save, stop = end_of_step(args, bar, step, cfg.tok_steps, cfg.eval_every)
+        if save:
             m, cont, quant = eval_tokenizer(tok, heldout, device)
             n = step + 1 - bar.initial
             log(out, stage="tokenizer", step=step + 1, eval=m, data_ms=1e3 * t_data / n, step_ms=1e3 * t_step / n)
@@ -146,13 +174,10 @@ def train_tokenizer(cfg, args, digits, out):
                       f"{m['psnr_quant']:.2f} dB (quantized); code perplexity per scale "
                       f"{', '.join(f'{u:.0f}' for u in m['perplexity'])}; data {1e3 * t_data / n:.1f} ms vs "
                       f"step {1e3 * t_step / n:.0f} ms")
-            save_checkpoint(path, config=asdict(cfg), model=tok.state_dict(), opt=opt.state_dict(),
-                            rng=torch.get_rng_state(), step=step + 1, metrics=m)
+            save_stage(path, cfg, tok, opt, step + 1, metrics=m)
             data.save_gif(out / "tokenizer.gif", np.concatenate([heldout[:6], cont[:6], quant[:6]], axis=2))
         if stop:
-            bar.close()
-            print(f"[tokenizer] stopped after {args.stop_after} steps (--stop-after); run again to resume")
-            sys.exit(0)
+            stop_now(bar, "tokenizer", args)
     return tok.eval()
 
 
@@ -197,17 +222,9 @@ def train_ar(cfg, args, digits, out, tok):
     path = out / "ar.pt"
     model = build_ar(cfg, cfg.vocab).to(device)
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.ar_lr, betas=(0.9, 0.95), weight_decay=0.05)
-    step = 0
-    if path.exists():
-        state = load_checkpoint(path, cfg, MODEL_KEYS + ["frames"])
-        model.load_state_dict(state["model"])
-        opt.load_state_dict(state["opt"])
-        torch.set_rng_state(state["rng"])
-        step = state["step"]
-        if step >= cfg.ar_steps:
-            print(f"[ar] {path} is finished ({step} steps); skipping")
-            return model.eval()
-        print(f"[ar] resuming from step {step}")
+    step, _ = resume(path, cfg, MODEL_KEYS + ["frames"], model, opt, "ar", cfg.ar_steps)
+    if step >= cfg.ar_steps:
+        return model.eval()
     tok = tok.to(device).eval().requires_grad_(False)
     frames = 1 + (cfg.frames - 1) // cfg.ft
     pos, unit, frame = (a.to(device) for a in frame_scale_layout(frames, tok.scales, tok.latent_side))
@@ -223,27 +240,18 @@ def train_ar(cfg, args, digits, out, tok):
         x, y = ar_sequence(inputs, codes)
         drop = torch.rand(len(x), generator=gen, device=device) < cfg.cond_drop
         hide = random_frame_mask(cfg.frame_mask, frame, len(x), gen) if cfg.frame_mask > 0 else None
-        for g in opt.param_groups:
-            g["lr"] = lr_at(step, cfg.ar_steps, cfg.ar_lr)
         logits = model(x, pos, unit, torch.from_numpy(labels).to(device), mask="forward", drop=drop, start=start,
                        hide=hide)
         loss = F.cross_entropy(logits.flatten(0, 1), y.flatten())
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        opt.step()
+        optimize(model, opt, loss, lr_at(step, cfg.ar_steps, cfg.ar_lr))
         bar.set_postfix(loss=f"{loss.item():.3f}")
         log(out, stage="ar", step=step + 1, loss=loss.item())
-        stop = args.stop_after and step + 1 - bar.initial >= args.stop_after
-        if (step + 1) % cfg.eval_every == 0 or step + 1 == cfg.ar_steps or stop:
-            acc = (logits.argmax(-1) == y).float().mean().item()
-            log(out, stage="ar", step=step + 1, train_acc=acc)
-            save_checkpoint(path, config=asdict(cfg), model=model.state_dict(), opt=opt.state_dict(),
-                            rng=torch.get_rng_state(), step=step + 1)
+        save, stop = end_of_step(args, bar, step, cfg.ar_steps, cfg.eval_every)
+        if save:
+            log(out, stage="ar", step=step + 1, train_acc=(logits.argmax(-1) == y).float().mean().item())
+            save_stage(path, cfg, model, opt, step + 1)
         if stop:
-            bar.close()
-            print(f"[ar] stopped after {args.stop_after} steps (--stop-after); run again to resume")
-            sys.exit(0)
+            stop_now(bar, "ar", args)
     return model.eval()
 
 
@@ -287,17 +295,11 @@ def train_flow(cfg, args, digits, out, tok, stage):
     model = Transformer(cfg.model_config()).to(device)
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.fm_lr, betas=(0.9, 0.95), weight_decay=0.05)
     keys = MODEL_KEYS + (["frames"] if stage == "teacher" else ["frames", "unit", "stride", "cube"])
-    step = 0
-    if path.exists():
-        state = load_checkpoint(path, cfg, keys)
-        model.load_state_dict(state["model"])
-        opt.load_state_dict(state["opt"])
-        torch.set_rng_state(state["rng"])
-        step, z_scale = state["step"], state["z_scale"]
-        if step >= steps:
-            print(f"[{stage}] {path} is finished ({step} steps); skipping")
-            return model.eval()
-        print(f"[{stage}] resuming from step {step}")
+    step, state = resume(path, cfg, keys, model, opt, stage, steps)
+    if step >= steps:
+        return model.eval()
+    if state is not None:
+        z_scale = state["z_scale"]
     elif stage == "causal":
         teacher = load_checkpoint(out / "teacher.pt", cfg, MODEL_KEYS)
         model.load_state_dict(teacher["model"])
@@ -322,8 +324,6 @@ def train_flow(cfg, args, digits, out, tok, stage):
         b = len(x0)
         drop = torch.rand(b, generator=gen, device=device) < cfg.cond_drop
         prompt = torch.from_numpy(labels).to(device)
-        for g in opt.param_groups:
-            g["lr"] = lr_at(step, steps, cfg.fm_lr)
         if stage == "teacher":
             tt = torch.rand(b, 1, generator=gen, device=device).expand(-1, x0.shape[1])
             xt, v = flow_pair(x0, tt, gen)
@@ -334,20 +334,14 @@ def train_flow(cfg, args, digits, out, tok, stage):
             pred = model(torch.cat([x0, xt], 1), pos, unit, prompt, mask="forward", noisy=noisy,
                          t=torch.cat([torch.zeros_like(tt), tt], 1), drop=drop)[:, x0.shape[1]:]
         loss = F.mse_loss(pred, v)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        opt.step()
+        optimize(model, opt, loss, lr_at(step, steps, cfg.fm_lr))
         bar.set_postfix(loss=f"{loss.item():.4f}")
         log(out, stage=stage, step=step + 1, loss=loss.item())
-        stop = args.stop_after and step + 1 - bar.initial >= args.stop_after
-        if (step + 1) % cfg.eval_every == 0 or step + 1 == steps or stop:
-            save_checkpoint(path, config=asdict(cfg), model=model.state_dict(), opt=opt.state_dict(),
-                            rng=torch.get_rng_state(), step=step + 1, z_scale=z_scale)
+        save, stop = end_of_step(args, bar, step, steps, cfg.eval_every)
+        if save:
+            save_stage(path, cfg, model, opt, step + 1, z_scale=z_scale)
         if stop:
-            bar.close()
-            print(f"[{stage}] stopped after {args.stop_after} steps (--stop-after); run again to resume")
-            sys.exit(0)
+            stop_now(bar, stage, args)
     return model.eval()
 
 

@@ -4,19 +4,12 @@ import pytest
 import torch
 
 import sample
+from conftest import randomised
 import train
 from model import KVCache, ModelConfig, Transformer, ar_sequence, frame_scale_layout, unit_mask
 from tokenizer import Tokenizer, TokenizerConfig
 
 SCALES, SIDE, FRAMES = (1, 2, 4), 4, 3
-
-
-def randomised(model):
-    """Zero-initialised heads and AdaLN gates would hide every difference: give all weights random values."""
-    torch.manual_seed(0)
-    for p in model.parameters():
-        torch.nn.init.normal_(p, std=0.2)
-    return model.eval()
 
 
 @pytest.fixture(scope="module")

@@ -4,6 +4,7 @@ import pytest
 import torch
 
 import sample
+from conftest import randomised
 from model import KVCache, ModelConfig, Transformer, merge, partition, unit_layout, unit_mask
 
 T, SIDE, C = 4, 8, 6
@@ -11,13 +12,6 @@ SCALES = (1, 2, 4, 8)
 CASES = [("frame", {}, 4), ("keydetail", dict(stride=2), 2), ("cube", dict(cube=(2, 4, 4)), 8),
          ("cube", dict(cube=(1, 2, 2)), 64), ("cube", dict(cube=(4, 4, 4)), 4), ("scale", dict(scales=SCALES), 4)]
 IDS = [f"{k}-{v}" for k, v, _ in CASES]
-
-
-def randomised(model):
-    torch.manual_seed(0)
-    for p in model.parameters():
-        torch.nn.init.normal_(p, std=0.2)
-    return model.eval()
 
 
 @pytest.fixture(scope="module")
