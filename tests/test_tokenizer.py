@@ -82,6 +82,6 @@ def test_corruption_hook_requantizes_later_scales():
     labels, _, f_corr, _ = tok.quantize(z, corrupt=corrupt)
     assert torch.equal(labels[0], clean[0])                 # the label of the corrupted scale stays clean
     assert not all(torch.equal(a, b) for a, b in zip(labels[1:], clean[1:]))   # later labels re-quantized
-    naive = tok.codes_to_fhat([c.new_tensor(torch.randint(0, 64, c.shape, generator=torch.Generator().manual_seed(0)))
+    naive = tok.codes_to_fhat([torch.randint(0, 64, c.shape, generator=torch.Generator().manual_seed(0))
                                if i == 0 else c for i, c in enumerate(clean)])
     assert (f_corr - z).pow(2).mean() < (naive - z).pow(2).mean()
