@@ -220,18 +220,18 @@ class Attention(nn.Module):
         self.q_norm, self.k_norm = nn.RMSNorm(d), nn.RMSNorm(d)   # q/k normalisation keeps logits bounded
         self.base = cfg.rope_base
 
-    def forward(self, x, pos, mask, cache=None, layer=0, append=False, t0=0.0):
-        """x [B,L,C], pos [L,3] (time already re-based by t0 for the new tokens), mask [Lq, Lk] or [B,1,Lq,Lk]."""
+    def forward(self, x, pos, mask, cache=None, layer=0, append=False, pos_k=None):
+        """x [B,L,C]; pos [L,3] of the new tokens and pos_k [Lk,3] of cached + new keys, both re-based in time;
+        mask [Lq, Lk] or [B,1,Lq,Lk]."""
         q, k, v = rearrange(self.qkv(x), "b l (three h d) -> three b h l d", three=3, h=self.h)
         q, k = self.q_norm(q), self.k_norm(k)
-        k_all, v_all, pos_k = k, v, pos
+        k_all, v_all = k, v
         if cache is not None and cache.k[layer] is not None:
             k_all = torch.cat([cache.k[layer], k], 2)
             v_all = torch.cat([cache.v[layer], v], 2)
-            pos_k = torch.cat([cache.pos - torch.tensor([t0, 0.0, 0.0]), pos.cpu()]).to(pos.device)
         if cache is not None and append:
             cache.k[layer], cache.v[layer] = k_all, v_all
-        q, k_all = rope(q, pos, self.base), rope(k_all, pos_k, self.base)
+        q, k_all = rope(q, pos, self.base), rope(k_all, pos if pos_k is None else pos_k, self.base)
         o = F.scaled_dot_product_attention(q, k_all, v_all, attn_mask=mask)
         return self.proj(rearrange(o, "b h l d -> b l (h d)"))
 
@@ -309,9 +309,11 @@ class Transformer(nn.Module):
         c = self.condition(prompt, drop)
         if t is not None:
             c = c + self.time(timestep_embedding(t, self.cfg.dim))
-        t0 = 0.0
-        if cache is not None:
-            t0 = float(cache.time_base(pos))
+        pos_q, pos_k = pos, None
+        if cache is not None:   # re-base time to the oldest frame in view (see KVCache); keys = cached + new
+            shift = torch.tensor([float(cache.time_base(pos)), 0.0, 0.0])
+            pos_q = pos - shift.to(pos.device)
+            pos_k = torch.cat([cache.pos - shift, pos_q.cpu()]).to(pos.device)
             uk = torch.cat([cache.unit, unit.cpu()]).to(unit.device)
             nk = None if noisy is None else torch.cat([torch.zeros(len(cache), dtype=torch.bool), noisy.cpu()])
         else:
@@ -320,9 +322,8 @@ class Transformer(nn.Module):
             mask = unit_mask(unit, uk, mask, noisy, None if nk is None else nk.to(unit.device))
         if hide is not None:
             mask = mask & ~hide[:, None]
-        pos_q = pos - torch.tensor([t0, 0.0, 0.0], device=pos.device)
         for i, blk in enumerate(self.blocks):
-            h = blk(h, c, pos_q, mask, cache=cache, layer=i, append=append, t0=t0)
+            h = blk(h, c, pos_q, mask, cache=cache, layer=i, append=append, pos_k=pos_k)
         if cache is not None and append:
             cache.pos = torch.cat([cache.pos, pos.cpu().float()])
             cache.unit = torch.cat([cache.unit, unit.cpu()])
