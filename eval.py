@@ -4,9 +4,10 @@ Published FVD/FID features (I3D on Kinetics, Inception on ImageNet) know little 
 main figures here use two small networks trained once (cached) on real Moving MNIST made from the TRAINING digits;
 their own accuracy is measured on clips of the HELD-OUT digits and reported next to every result:
 
-  DigitNet  frame [B,1,64,64] -> which of the 10 digits are present (10 sigmoid logits), plus a 4W-d frame feature.
-  ClipNet   clip [B,1,T,64,64] -> the clip's digit set (10 logits) and its motion kind (real / frames shuffled /
-            frozen / twice as fast), so that its 4W-d clip feature sees appearance AND motion.
+  DigitNet  frame [B,1,64,64] -> which of the 10 digits are present (probabilities), plus a 4W-d frame feature.
+  ClipNet   a small 3D conv net over DigitNet's feature maps of a clip's frames -> the clip's digit set (10 logits)
+            and its motion kind (real / frames shuffled / frozen / twice as fast), so that its clip feature sees
+            appearance AND motion.
 
 Metrics (clips are uint8 [N,T,H,W] or [N,T,H,W,C]; the nets see them as 64x64 grayscale):
   semantic     share of frames whose detected digit set equals the prompt's (VBench's per-frame object / class
@@ -48,9 +49,11 @@ from tqdm import tqdm
 from data import Digits, MovingMNISTConfig, check_video, load_digits, moving_mnist
 
 CACHE_DIR = Path(os.environ.get("VIDEOAR_EVAL_CACHE", Path.home() / ".cache" / "videoar" / "eval"))
+VERSION = 3                # of the nets' design: part of the cache key, so a stale cache is never loaded
 REAL_SEED = 1234           # the real reference clips are always the same
 MOTIONS = ("real", "shuffled", "frozen", "fast")   # ClipNet's motion classes
 GRID = 8                   # DigitNet's output map is GRID x GRID cells of 8x8 pixels
+NONE, EITHER = 10, 11      # cell targets besides a digit d: no digit centred here; EITHER + d: d or none
 
 
 @dataclass
@@ -62,7 +65,7 @@ class EvalNetConfig:
     batch: int = 64
     lr: float = 5e-3
     jitter_copies: int = 3   # affine-jittered copies of each training digit added to the pool
-    clip_width: int = 16     # ClipNet channels
+    clip_width: int = 64     # ClipNet channels
     clip_frames: int = 12
     clip_steps: int = 400
     clip_batch: int = 16
@@ -109,30 +112,31 @@ def non_digit_frames(n, rng):
 
 
 def digit_training_frames(n, digits, seed):
-    """n frames: 1/16 without digits, the rest 1 (a quarter) or 2 digits -> frames uint8 [n,64,64], presence [n,10]
-    and the dense target [n,10,8,8] with its loss weight: 1 at the cell holding a digit's ink-box centre, ignored
-    (weight 0) at the 8 cells around it (they see most of the digit too), 0 with weight 1 everywhere else."""
+    """n frames: 1/16 without digits, the rest 1 (a quarter) or 2 digits -> frames uint8 [n,64,64], present [n,10]
+    and the target of each cell [n,8,8]: the digit whose ink-box centre it holds; at the 8 cells around that one,
+    which see most of the digit too, EITHER + digit ("this digit or none", never another one); NONE elsewhere."""
     rng = np.random.default_rng(seed)
-    frames, presence = [non_digit_frames(n // 16, rng)], [np.zeros((n // 16, 10))]
-    target, weight = [np.zeros((n // 16, 10, GRID, GRID))], [np.ones((n // 16, 10, GRID, GRID))]
+    frames, present, cells = [non_digit_frames(n // 16, rng)], [np.zeros((n // 16, 10))], [np.full((n // 16, GRID, GRID), NONE)]
     for k, m in ((1, (n - n // 16) // 4), (2, n - n // 16 - (n - n // 16) // 4)):
         x, labels, boxes = digit_frames(m, k, digits, "train", seed=int(rng.integers(2**31)))
-        t, w = np.zeros((m, 10, GRID + 2, GRID + 2)), np.ones((m, 10, GRID + 2, GRID + 2))   # 1-cell border
+        c = np.full((m, GRID + 2, GRID + 2), NONE)                          # with a 1-cell border
         cy, cx = (boxes[..., 0] + boxes[..., 1]) // 16 + 1, (boxes[..., 2] + boxes[..., 3]) // 16 + 1
         b = np.arange(m)[:, None].repeat(k, 1)
         for dy in (-1, 0, 1):
             for dx in (-1, 0, 1):
-                w[b, labels, cy + dy, cx + dx] = 0
-        t[b, labels, cy, cx], w[b, labels, cy, cx] = 1, 1
-        frames.append(x), presence.append(t.max((2, 3))), target.append(t[..., 1:-1, 1:-1]), weight.append(w[..., 1:-1, 1:-1])
-    return [torch.from_numpy(np.concatenate(a)) for a in (frames, presence, target, weight)]
+                c[b, cy + dy, cx + dx] = EITHER + labels
+        c[b, cy, cx] = labels
+        p = np.zeros((m, 10))
+        np.put_along_axis(p, labels, 1, 1)
+        frames.append(x), present.append(p), cells.append(c[:, 1:-1, 1:-1])
+    return [torch.from_numpy(np.concatenate(a)) for a in (frames, present, cells)]
 
 
 def clip_training_batch(n, digits, split, frames, seed):
-    """n clips of 1-2 digits, an eighth per (motion kind, digit count) -> clips uint8 [n,T,64,64], presence [n,10],
+    """n clips of 1-2 digits, an eighth per (motion kind, digit count) -> clips uint8 [n,T,64,64], present [n,10],
     motion class [n] (index into MOTIONS). Shuffled: frames in random order; frozen: one frame repeated."""
     rng = np.random.default_rng(seed)
-    clips, presence, motion = [], [], []
+    clips, present, motion = [], [], []
     for c, kind in enumerate(MOTIONS):
         for k in (1, 2):
             cfg = MovingMNISTConfig(frames=frames, num_digits=k, speed=3.6 * (2 if kind == "fast" else 1))
@@ -143,8 +147,8 @@ def clip_training_batch(n, digits, split, frames, seed):
                 v = repeat(v[np.arange(len(v)), rng.integers(0, frames, len(v))], "n h w -> n t h w", t=frames)
             p = np.zeros((len(v), 10))
             np.put_along_axis(p, labels, 1, 1)
-            clips.append(v), presence.append(p), motion.append(np.full(len(v), c))
-    return [torch.from_numpy(np.concatenate(a)) for a in (clips, presence, motion)]
+            clips.append(v), present.append(p), motion.append(np.full(len(v), c))
+    return [torch.from_numpy(np.concatenate(a)) for a in (clips, present, motion)]
 
 
 # ------------------------------------------------------------------------------------------------ nets
@@ -155,37 +159,47 @@ def conv_bn(cin, cout, k, stride, dims=2):
 
 
 class DigitNet(nn.Module):
-    """Digit detector slid over the frame: each cell of an 8x8 map (receptive field 41 px) scores the 10 digits;
-    a digit is present where its best cell says so (max over positions, as in multiple-instance learning)."""
+    """Digit detector slid over the frame: each cell of an 8x8 map (receptive field 41 px) says which digit, if any,
+    is centred there (a softmax over 10 digits + none: one digit per place, so an ambiguous 2/7 cannot count
+    twice); a digit is present where its best cell gives it probability > 0.5."""
 
     def __init__(self, width=24):
         super().__init__()
         w = width
         self.body = nn.Sequential(conv_bn(1, w, 5, 2), conv_bn(w, 2 * w, 3, 2), conv_bn(2 * w, 2 * w, 3, 1),
                                   conv_bn(2 * w, 4 * w, 3, 2), conv_bn(4 * w, 4 * w, 3, 1))
-        self.head = nn.Conv2d(4 * w, 10, 1)
+        self.head = nn.Conv2d(4 * w, 11, 1)
 
     def forward(self, x_B1HW):
         h = self.body(x_B1HW)                                   # [B,4W,8,8]
-        return self.head(h), h.amax((2, 3))                     # score map [B,10,8,8], frame feature [B,4W]
+        return self.head(h), h.amax((2, 3))                     # cell logits [B,11,8,8], frame feature [B,4W]
+
+
+def presence_prob(cell_logits):
+    """[B,11,8,8] -> probability [B,10] that each digit is in the frame: its best cell's softmax probability."""
+    return cell_logits.softmax(1)[:, :10].amax((2, 3))
 
 
 class ClipNet(nn.Module):
-    """Small 3D conv net: clip -> (feature [B,4W], digit logits [B,10], motion logits [B,4])."""
+    """Motion on top of appearance: a small 3D conv net over the frozen DigitNet's feature maps of every frame
+    [B,C,T,8,8] -> (clip feature [B,W], digit logits [B,10], motion logits [B,4])."""
 
-    def __init__(self, width=16):
+    def __init__(self, in_channels, width=64):
         super().__init__()
-        w = width
-        self.body = nn.Sequential(                              # [B,1,T,64,64]
-            nn.Conv3d(1, w, (1, 4, 4), (1, 4, 4)), nn.ReLU(),   # 4x4 patches -> [B,W,T,16,16]
-            conv_bn(w, 2 * w, (3, 3, 3), (1, 2, 2), 3),         # [B,2W,T,8,8]
-            conv_bn(2 * w, 4 * w, (3, 3, 3), 2, 3),             # [B,4W,T/2,4,4]
-            conv_bn(4 * w, 4 * w, (3, 3, 3), 1, 3))
-        self.digits, self.motion = nn.Linear(4 * w, 10), nn.Linear(4 * w, len(MOTIONS))
+        self.body = nn.Sequential(conv_bn(in_channels, width, (3, 3, 3), (1, 2, 2), 3),   # [B,W,T,4,4]
+                                  conv_bn(width, width, (3, 3, 3), 1, 3))
+        self.digits, self.motion = nn.Linear(width, 10), nn.Linear(width, len(MOTIONS))
 
-    def forward(self, x_B1THW):
-        f = self.body(x_B1THW).amax((3, 4)).mean(2)             # max over space, mean over time -> [B,4W]
+    def forward(self, maps_BCTHW):
+        f = self.body(maps_BCTHW).amax((3, 4)).mean(2)          # max over places, mean over time -> [B,W]
         return f, self.digits(f), self.motion(f)
+
+
+@torch.no_grad()
+def frame_maps(digit_net, clips_BTHW):
+    """Float clips [B,T,64,64] in [0, 1] -> DigitNet feature maps of every frame [B,4W,T,8,8], ClipNet's input."""
+    h = digit_net.body(rearrange(clips_BTHW, "b t h w -> (b t) 1 h w"))
+    return rearrange(h, "(b t) c h w -> b c t h w", b=len(clips_BTHW))
 
 
 def train(net, make_data, loss_fn, steps, batch, lr, seed, desc, chunk=100):
@@ -207,16 +221,21 @@ def train(net, make_data, loss_fn, steps, batch, lr, seed, desc, chunk=100):
     return net.eval()
 
 
-def digit_loss(net, x, presence, target, weight):
-    """Presence BCE on the max-pooled map (what the detector is used for) + dense BCE on the cells (where)."""
-    maps, _ = net(x[:, None].float() / 255)
-    dense = (F.binary_cross_entropy_with_logits(maps, target.float(), reduction="none") * weight).sum() / weight.sum()
-    return F.binary_cross_entropy_with_logits(maps.amax((2, 3)), presence.float()) + 10 * dense
+def digit_loss(net, x, present, cells):
+    """BCE of the frame-level presence (what the detector is used for) + cross-entropy of each cell's target."""
+    logits, _ = net(x[:, None].float() / 255)
+    p = presence_prob(logits).clamp(1e-6, 1 - 1e-6)
+    logp = logits.log_softmax(1)                                              # [B,11,8,8]
+    cells = cells.long()
+    either = cells >= EITHER
+    lp = logp.gather(1, torch.where(either, cells - EITHER, cells)[:, None])[:, 0]
+    lp = torch.where(either, torch.logaddexp(lp, logp[:, NONE]), lp)          # log p(digit or none)
+    return F.binary_cross_entropy(p, present.float()) - lp.mean()
 
 
-def clip_loss(net, clips, presence, motion):
-    _, digits, kind = net(clips[:, None].float() / 255)
-    return F.binary_cross_entropy_with_logits(digits, presence.float()) + F.cross_entropy(kind, motion)
+def clip_loss(net, digit_net, clips, present, motion):
+    _, digits, kind = net(frame_maps(digit_net, clips.float() / 255))
+    return F.binary_cross_entropy_with_logits(digits, present.float()) + F.cross_entropy(kind, motion)
 
 
 @torch.no_grad()
@@ -235,9 +254,9 @@ def heldout_accuracy(digit_net, clip_net, digits, cfg):
         out[name] = float(hit[separated(boxes)].mean() if k == 2 else hit.mean())
         if k == 2:
             out["digit_net_acc_all_frames"] = float(hit.mean())
-    clips, presence, motion = clip_training_batch(400, digits, "test", cfg.clip_frames, seed=cfg.seed + 7)
-    _, dig, kind = batched(clip_net, clips[:, None].float().div(255), device)
-    out["clip_net_digit_acc"] = ((dig > 0) == presence.bool()).all(1).float().mean().item()
+    clips, present, motion = clip_training_batch(400, digits, "test", cfg.clip_frames, seed=cfg.seed + 7)
+    _, dig, kind = batched(lambda v: clip_net(frame_maps(digit_net, v)), clips.float() / 255, device, size=16)
+    out["clip_net_digit_acc"] = ((dig > 0) == present.bool()).all(1).float().mean().item()
     out["clip_net_motion_acc"] = (kind.argmax(1) == motion).float().mean().item()
     return out
 
@@ -246,23 +265,23 @@ def load_nets(cfg=EvalNetConfig(), cache_dir=None, device="cpu", digits=None):
     """Train DigitNet and ClipNet (or load them from <cache_dir>/<hash of cfg and digit source>.pt).
     -> (digit_net, clip_net, info) with info holding the held-out accuracies and training seconds."""
     digits = digits or load_digits(download=False)
-    key = hashlib.sha1(json.dumps([asdict(cfg), digits.source], sort_keys=True).encode()).hexdigest()[:16]
+    key = hashlib.sha1(json.dumps([VERSION, asdict(cfg), digits.source], sort_keys=True).encode()).hexdigest()[:16]
     path = Path(cache_dir or CACHE_DIR) / f"{key}.pt"
     with torch.random.fork_rng():          # the seed fixes the initial weights too, without touching the caller's RNG
         torch.manual_seed(cfg.seed)
-        digit_net, clip_net = DigitNet(cfg.width).to(device), ClipNet(cfg.clip_width).to(device)
+        digit_net, clip_net = DigitNet(cfg.width).to(device), ClipNet(4 * cfg.width, cfg.clip_width).to(device)
     if path.exists():
         ckpt = torch.load(path, map_location=device, weights_only=True)
         digit_net.load_state_dict(ckpt["digit_net"]), clip_net.load_state_dict(ckpt["clip_net"])
         return digit_net.eval(), clip_net.eval(), ckpt["info"]
     print(f"[eval] training the feature nets on {digits.source} (cached to {path})")
-    torch.manual_seed(cfg.seed)
-    pool = jitter_digits(digits, cfg.jitter_copies, cfg.seed)
-    t0 = time.time()
-    train(digit_net, lambda n, s: digit_training_frames(n, pool, s), digit_loss, cfg.steps, cfg.batch, cfg.lr,
-          cfg.seed, "DigitNet")
+    t0 = time.time()          # each chunk of batches draws from freshly jittered digits (augmentation)
+    train(digit_net, lambda n, s: digit_training_frames(n, jitter_digits(digits, cfg.jitter_copies, s), s),
+          digit_loss, cfg.steps, cfg.batch, cfg.lr, cfg.seed, "DigitNet")
     t1 = time.time()
-    train(clip_net, lambda n, s: clip_training_batch(n, pool, "train", cfg.clip_frames, s), clip_loss,
+    train(clip_net, lambda n, s: clip_training_batch(n, jitter_digits(digits, cfg.jitter_copies, s), "train",
+                                                     cfg.clip_frames, s),
+          lambda net, *batch: clip_loss(net, digit_net, *batch),
           cfg.clip_steps, cfg.clip_batch, cfg.lr, cfg.seed, "ClipNet", chunk=25)
     info = {"digit_net_train_s": t1 - t0, "clip_net_train_s": time.time() - t1, "digit_source": digits.source,
             **heldout_accuracy(digit_net, clip_net, digits, cfg)}
@@ -292,8 +311,8 @@ def batched(net, x, device, size=256):
 @torch.no_grad()
 def detect(digit_net, frames_B1HW):
     """-> present bool [B,10] (a digit's best cell has probability > 0.5), frame features [B,4W]."""
-    maps, feats = digit_net(frames_B1HW)
-    return maps.amax((2, 3)) > 0, feats
+    logits, feats = digit_net(frames_B1HW)
+    return presence_prob(logits) > 0.5, feats
 
 
 def frechet_distance(a, b):
@@ -485,7 +504,8 @@ def evaluate(videos, prompts=None, target=None, samples=None, nets=None, num_rea
     present, frame_feats = batched(lambda f: detect(digit_net, f), frames, device)
     present = rearrange(present, "(n t) d -> n t d", n=n)                    # [N,T,10] detected digits
     real_frame_feats = batched(lambda f: detect(digit_net, f), rearrange(xr, "n t h w -> (n t) 1 h w"), device)[1]
-    clip_feats, real_clip_feats = (batched(clip_net, v[:, None], device)[0] for v in (x, xr))
+    clip_feats, real_clip_feats = (batched(lambda c: clip_net(frame_maps(digit_net, c)), v, device, size=16)[0]
+                                   for v in (x, xr))                          # [N,W], [R,W]
     majority = present.float().mean(1) > 0.5                                 # [N,10] each clip's digit set
     agree = (present == majority[:, None]).all(2) & majority[:, None].any(2)  # [N,T]
     out = {"clips": n, "frames": t, "real_clips": num_real, "consistency": agree.float().mean().item(),
