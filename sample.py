@@ -205,10 +205,13 @@ def build_parser():
     return p
 
 
-def write_outputs(args, video):
+def write_outputs(args, video, prompts=None):
+    """--npy OUT.npy also gets OUT.txt with each clip's prompt (one line per clip: eval.py --prompts reads it)."""
     if args.npy:
         Path(args.npy).parent.mkdir(parents=True, exist_ok=True)
         np.save(args.npy, video)
+        if prompts is not None:
+            Path(args.npy).with_suffix(".txt").write_text("".join(" ".join(map(str, r.tolist())) + "\n" for r in prompts))
     if args.gif:
         data.save_gif(args.gif, video[:8])
     if args.mp4:
@@ -233,8 +236,8 @@ def main(argv=None):
         return 0
     if args.method is None:
         p.error("say what to do: --method ar|teacher|student, or --reconstruct IN.npy")
-    video = run_ar(p, args) if args.method == "ar" else run_flow(p, args)
-    write_outputs(args, video)
+    video, prompts = run_ar(p, args) if args.method == "ar" else run_flow(p, args)
+    write_outputs(args, video, prompts)
     return 0
 
 
@@ -269,16 +272,16 @@ def frames_and_context(p, args, cfg, tok):
 
 
 def finish(video, clip, prompts):
-    """Keep the given context frames as they were; report the prompts."""
+    """Keep the given context frames as they were; report the prompts. -> (uint8 [N,T,H,W], prompts)."""
     if clip is not None:
         video[:, :clip.shape[1]] = clip
     if prompts is not None:
         print("[sample] prompts: " + "; ".join(" ".join(map(str, r.tolist())) for r in prompts[:8]))
-    return video[..., 0]
+    return video[..., 0], prompts
 
 
 def run_flow(p, args):
-    """--method teacher | student -> uint8 [N,T,H,W]."""
+    """--method teacher | student -> (uint8 [N,T,H,W], prompts or None)."""
     tok, _ = load_tokenizer(args.ckpt, args.device)
     model, cfg, z_scale = load_flow(args.ckpt, "teacher" if args.method == "teacher" else "causal", args.device)
     gen = torch.Generator(args.device).manual_seed(args.seed)
@@ -303,7 +306,7 @@ def run_flow(p, args):
 
 
 def run_ar(p, args):
-    """--method ar -> uint8 [N,T,H,W]."""
+    """--method ar -> (uint8 [N,T,H,W], prompts or None)."""
     tok, cfg = load_tokenizer(args.ckpt, args.device)
     model, _ = load_ar(args.ckpt, args.device)
     gen = torch.Generator(args.device).manual_seed(args.seed)

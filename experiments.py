@@ -1,0 +1,206 @@
+"""The README's comparison tables, reproducible: every row trains under the same budget as the base run, in its
+own directory beside it (sharing the base run's tokenizer, and teacher for paper B), then is sampled and scored
+with eval.py. Finished rows are skipped when the command is run again (checkpoints resume).
+
+  python experiments.py units  --base runs/toy   # paper B Tables 2 and 3: prediction unit, cube size
+  python experiments.py ar     --base runs/toy   # paper A: error correction x random frame mask; drift; continuation
+  python experiments.py stream --base runs/toy   # paper B Sec. 3.4: a long streamed video, per-unit cost and drift
+
+The base run is `python train.py --config toy` (or any config). Each command prints a markdown table and writes
+<base>/<command>.json.
+"""
+import argparse
+import dataclasses
+import json
+import os
+import sys
+import time
+from pathlib import Path
+from types import SimpleNamespace
+
+import numpy as np
+import torch
+
+import data
+import eval as E
+import train
+from config import Config, load_checkpoint
+from sample import generate_ar, generate_student, generate_teacher, stream_layout
+
+METRICS = ("semantic", "consistency", "fvd_mm", "fid_mm", "motion")
+
+
+def variant_dir(base, name, links):
+    """<base>-<name>/ with the base run's `links` checkpoints linked in (shared, not retrained)."""
+    d = base.with_name(f"{base.name}-{name}")
+    d.mkdir(exist_ok=True)
+    for f in links:
+        if not (d / f).exists():
+            os.symlink((base / f).resolve(), d / f)
+    return d
+
+
+@torch.no_grad()
+def decode(tok, z):
+    """Latent [B,c,t,h,w] -> uint8 clips [B,T,H,W], one clip at a time (long videos)."""
+    return np.concatenate([data.from_model(tok.decode(z[i:i + 1])) for i in range(len(z))])
+
+
+def prompts_for(n, num_digits, seed):
+    return torch.randint(0, 10, (n, num_digits), generator=torch.Generator().manual_seed(seed))
+
+
+def score(video, prompts, nets, digits, **kw):
+    r = E.evaluate(video, None if prompts is None else prompts.tolist(), nets=nets, digits=digits, **kw)
+    return {k: r[k] for k in (*METRICS, "mse", "ssim", "psnr") if r.get(k) is not None}
+
+
+def table(rows, cols):
+    """rows: {name: {col: value}} -> markdown."""
+    lines = ["| | " + " | ".join(cols) + " |", "|---|" + "---|" * len(cols)]
+    for name, r in rows.items():
+        lines.append(f"| {name} | " + " | ".join(f"{r[c]:.3f}" if isinstance(r.get(c), float) else str(r.get(c, ""))
+                                                  for c in cols) + " |")
+    return "\n".join(lines)
+
+
+def train_args(args):
+    return SimpleNamespace(device=args.device, seed=args.seed, stop_after=0)
+
+
+# ------------------------------------------------------------------------------------ paper B: units, cubes
+def units(args, base, cfg, tok, digits, nets):
+    """Paper B Table 2 (unit type) and Table 3 (cube size) on Moving MNIST: one causal student per row, each
+    initialised from the same teacher and trained for cfg.causal_steps; 4 Euler steps per unit, CFG 3."""
+    t, side = 1 + (cfg.frames - 1) // cfg.ft, tok.latent_side
+    rows = {"frame": dict(unit="frame"), f"keydetail (k={cfg.stride})": dict(unit="keydetail"),
+            "scale": dict(unit="scale")}
+    for name, (a, b) in {"t/2 x h/2 x w/2": (2, 2), "t/4 x h/4 x w/4": (4, 4), "t x h/2 x w/2": (1, 2)}.items():
+        cube = f"{max(1, t // a)},{side // b},{side // b}"
+        if t % max(1, t // a) == 0 and cube not in [r.get("cube") for r in rows.values()]:   # e.g. t = 3 has no t/2
+            rows[f"cube {name} ({cube.replace(',', 'x')})"] = dict(unit="cube", cube=cube)
+    prompts = prompts_for(args.num, cfg.num_digits, args.seed)
+    teacher, _, z_scale = train.load_flow(base, "teacher", args.device)
+    gen = torch.Generator(args.device).manual_seed(args.seed)
+    t0 = time.perf_counter()
+    z = generate_teacher(teacher, prompts.to(args.device), t, side, cfg.z_channels, gen, 25, 3.0, progress=False)
+    video = decode(tok, z / z_scale)
+    out = {"teacher (full attention, 25 steps)": {**score(video, prompts, nets, digits),
+                                                  "frames/s": video.size / video[0, 0].size / (time.perf_counter() - t0)}}
+    for name, over in rows.items():
+        c = dataclasses.replace(cfg, **over)
+        same = all(getattr(cfg, k) == v for k, v in over.items())     # the base run's own student
+        d = base if same else variant_dir(base, over["unit"] + ("-" + over["cube"].replace(",", "x") if "cube" in
+                                                                 over else ""), ["tokenizer.pt", "teacher.pt"])
+        t1 = time.perf_counter()
+        train.train_flow(c, train_args(args), digits, d, tok, "causal")
+        train_s = time.perf_counter() - t1
+        model, c, z_scale = train.load_flow(d, "causal", args.device)
+        n_units = len(stream_layout(c.unit, t, t, side, **c.unit_kwargs()))
+        gen = torch.Generator(args.device).manual_seed(args.seed)
+        t1 = time.perf_counter()
+        z = generate_student(model, prompts.to(args.device), t, t, side, c.z_channels, gen, c.unit, c.unit_kwargs(),
+                             4, 3.0, context_len=n_units - 1, progress=False)
+        video = decode(tok, z / z_scale)
+        out[f"{name}: {n_units} units"] = {**score(video, prompts, nets, digits), "train s": round(train_s),
+                                           "frames/s": video.size / video[0, 0].size / (time.perf_counter() - t1)}
+        print(f"[units] {name}: {out[f'{name}: {n_units} units']}", flush=True)
+    return out, [*METRICS, "frames/s"]
+
+
+# ---------------------------------------------------------------------------- paper A: EC x frame mask ablation
+def ar(args, base, cfg, tok, digits, nets):
+    """Paper A's ablations: error correction on/off x random frame mask on/off, each trained for cfg.ar_steps.
+    Scored on prompted clips of the trained length and of 2x and 4x that length (drift: the cache rolls over the
+    last trained-length - 1 frames), and on continuation of held-out clips (given 1 + 2 ft frames, predict the
+    next 3 ft: Moving MNIST's 10 -> 10 with our 1 + ft*k lengths)."""
+    rows = {"EC on, frame mask on": {}, "EC off, frame mask on": dict(ec_strength=0.0),
+            "EC on, frame mask off": dict(frame_mask=0.0), "EC off, frame mask off": dict(ec_strength=0.0, frame_mask=0.0)}
+    trained = 1 + (cfg.frames - 1) // cfg.ft
+    prompts = prompts_for(args.num, cfg.num_digits, args.seed)
+    ctx_frames, total = 1 + 2 * cfg.ft, 1 + 5 * cfg.ft
+    truth, _ = train.heldout_clips(cfg, digits, args.num // 2, frames=total, seed=99)
+    out = {}
+    for name, over in rows.items():
+        d = base if not over else variant_dir(base, "ar-" + "-".join(f"{k}{v:g}" for k, v in over.items()),
+                                              ["tokenizer.pt"])
+        c = dataclasses.replace(cfg, **over)
+        train.train_ar(c, train_args(args), digits, d, tok)
+        model, _ = train.load_ar(d, args.device)
+        r = {}
+        for mult in (1, 2, 4):
+            gen = torch.Generator(args.device).manual_seed(args.seed)
+            f_hat = generate_ar(model, tok, prompts.to(args.device), 1 + (trained - 1) * mult, gen,
+                                window=trained - 1, progress=False)
+            s = score(decode(tok, f_hat), prompts, nets, digits)
+            tag = "" if mult == 1 else f" {mult}x"
+            r.update({f"semantic{tag}": s["semantic"], f"consistency{tag}": s["consistency"], f"fvd_mm{tag}": s["fvd_mm"]})
+        with torch.no_grad():
+            codes = tok.quantize(tok.encode(data.to_model(truth[:, :ctx_frames], args.device)))[0]
+        gen = torch.Generator(args.device).manual_seed(args.seed)
+        f_hat = generate_ar(model, tok, None, 1 + (total - 1) // cfg.ft, gen, context=codes,
+                            window=trained - 1, progress=False)
+        pred = decode(tok, f_hat)[:, ctx_frames:]
+        s = E.prediction_metrics(pred, truth[:, ctx_frames:])
+        r.update({"cont. mse": s["mse"], "cont. ssim": s["ssim"]})
+        out[name] = r
+        print(f"[ar] {name}: {r}", flush=True)
+    cols = [f"{m}{tag}" for tag in ("", " 2x", " 4x") for m in ("semantic", "consistency", "fvd_mm")]
+    return out, cols + ["cont. mse", "cont. ssim"]
+
+
+# --------------------------------------------------------------------------------- paper B: streaming, drift
+def stream(args, base, cfg, tok, digits, nets):
+    """The trained student streams args.long frames for args.num clips with the rolling cache (units of one
+    trained clip minus one). Reports ms per unit and KV-cache size near unit 10 and at the end, and the scores
+    of windows of the trained length along the video (does quality drift?)."""
+    model, c, z_scale = train.load_flow(base, "causal", args.device)
+    chunk, side = 1 + (c.frames - 1) // c.ft, tok.latent_side
+    latent = 1 + (args.long - 1) // c.ft
+    n_units = len(stream_layout(c.unit, chunk, chunk, side, **c.unit_kwargs()))
+    stamps = []
+
+    def on_unit(i, cache):
+        kv = sum(k.numel() + v.numel() for k, v in zip(cache.k, cache.v)) * 4 / 2 ** 20
+        stamps.append((time.perf_counter(), kv, len(cache)))
+
+    prompts = prompts_for(args.num, c.num_digits, args.seed)
+    gen = torch.Generator(args.device).manual_seed(args.seed)
+    z = generate_student(model, prompts.to(args.device), latent, chunk, side, c.z_channels, gen, c.unit,
+                         c.unit_kwargs(), 4, 3.0, context_len=n_units - 1, on_unit=on_unit)
+    per_unit = np.diff([s[0] for s in stamps]) * 1e3
+    video = decode(tok, z / z_scale)
+    out = {"cost": {"units": len(stamps), "ms/unit at units 6-15": float(per_unit[5:15].mean()),
+                    "ms/unit at the last 10": float(per_unit[-10:].mean()),
+                    "KV MB at unit 10": stamps[10][1], f"KV MB at unit {len(stamps)}": stamps[-1][1]}}
+    print(f"[stream] {out['cost']}", flush=True)
+    starts = np.linspace(0, video.shape[1] - cfg.frames, 5).astype(int)
+    for s in starts:
+        out[f"frames {s}-{s + cfg.frames - 1}"] = score(video[:, s:s + cfg.frames], prompts, nets, digits)
+    return out, list(METRICS)
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0], allow_abbrev=False,
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("what", choices=["units", "ar", "stream"], help="which table")
+    p.add_argument("--base", default="runs/toy", help="the base run directory (python train.py --config toy)")
+    p.add_argument("--num", type=int, default=64, help="prompted clips scored per row")
+    p.add_argument("--long", type=int, default=2001, help="stream: video frames, 1 + ft*k")
+    p.add_argument("--seed", type=int, default=0, help="random seed")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="cpu or cuda[:i]")
+    args = p.parse_args(argv)
+    base = Path(args.base)
+    tok, _ = train.load_tokenizer(base, args.device)
+    cfg = Config(**load_checkpoint(base / ("ar.pt" if args.what == "ar" else "teacher.pt"))["config"])
+    digits = data.load_digits(cfg.data_dir or None, download=False)
+    nets = E.load_nets(device=args.device, digits=digits)
+    torch.manual_seed(args.seed)
+    rows, cols = {"units": units, "ar": ar, "stream": stream}[args.what](args, base, cfg, tok, digits, nets)
+    print(table({k: v for k, v in rows.items() if k != "cost"}, cols))
+    (base / f"{args.what}.json").write_text(json.dumps(rows, indent=2))
+    print(f"[experiments] -> {base / (args.what + '.json')}")
+
+
+if __name__ == "__main__":
+    sys.exit(main())

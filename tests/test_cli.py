@@ -1,0 +1,51 @@
+"""End to end through the command lines, on the tiny preset: train every stage, sample with every method (clips
+and their prompts file), and build each of experiments.py's tables (with small eval nets)."""
+import json
+
+import numpy as np
+import pytest
+
+import eval as E
+import experiments
+import sample
+import train
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory):
+    out = tmp_path_factory.mktemp("tiny")
+    train.main(["--config", "tiny", "--device", "cpu", "--out", str(out)])
+    return out
+
+
+@pytest.fixture(scope="module")
+def small_nets(digits, tmp_path_factory):
+    cfg = E.EvalNetConfig(width=8, steps=20, batch=16, clip_width=4, clip_steps=20, clip_batch=8)
+    return E.load_nets(cfg, tmp_path_factory.mktemp("nets"), digits=digits)
+
+
+def test_quickstart_writes_every_stage_and_a_sample_gif(run):
+    for f in ("tokenizer.pt", "ar.pt", "teacher.pt", "causal.pt", "tokenizer.gif", "sample_ar.gif", "sample_ar.txt"):
+        assert (run / f).exists(), f
+
+
+@pytest.mark.parametrize("method", ["ar", "teacher", "student"])
+def test_sample_writes_clips_and_their_prompts(run, tmp_path, method):
+    npy = tmp_path / f"{method}.npy"
+    sample.main(["--ckpt", str(run), "--method", method, "--num", "3", "--prompt", "3 7", "--npy", str(npy),
+                 "--gif", str(tmp_path / f"{method}.gif"), "--steps", "2", "--device", "cpu"])
+    video = np.load(npy)
+    assert video.shape == (3, 9, 64, 64) and video.dtype == np.uint8
+    assert E.read_prompts(npy.with_suffix(".txt")) == [[3, 7]] * 3
+    assert (tmp_path / f"{method}.gif").stat().st_size > 0
+
+
+@pytest.mark.parametrize("what", ["units", "ar", "stream"])
+def test_experiment_tables(run, small_nets, monkeypatch, capsys, what):
+    monkeypatch.setattr(experiments.E, "load_nets", lambda **kw: small_nets)
+    experiments.main([what, "--base", str(run), "--num", "4", "--long", "25", "--device", "cpu"])
+    rows = json.loads((run / f"{what}.json").read_text())
+    printed = capsys.readouterr().out
+    expected = {"units": 7, "ar": 4, "stream": 6}[what]   # units: teacher + 6 students; stream: cost + 5
+    assert len(rows) == expected, rows
+    assert printed.count("\n|") >= expected - (what == "stream"), printed
