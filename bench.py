@@ -14,7 +14,7 @@ import torch.nn.functional as F
 from torch.utils.flop_counter import FlopCounterMode
 
 import data
-from config import Config, config_from_args, parser
+from config import config_from_args, parser
 from model import Transformer, ar_sequence, frame_scale_layout, partition, unit_layout
 from sample import generate_ar, generate_student, generate_teacher, stream_layout
 from tokenizer import Tokenizer
@@ -127,6 +127,11 @@ def main(argv=None):
               f"{fwd_per_frame!s:>9s} {peak_mem_mb(device):8.0f}", flush=True)
 
     with torch.no_grad():
+        clips = data.to_model(data.moving_mnist(n, data.load_digits(cfg.data_dir or None, verbose=False), "test",
+                                                cfg.mm_config(), seed=0)[0], device)
+        row("tokenizer encode + decode (continuous)", lambda: tok.decode(tok.encode(clips)), n * cfg.frames)
+        row("tokenizer encode + quantize + decode", lambda: tok.decode(tok.quantize(tok.encode(clips))[2]),
+            n * cfg.frames)
         row("sample ar (CFG 3)", lambda: tok.decode(generate_ar(ar, tok, prompts, t, gen, progress=False)),
             n * cfg.frames, f"{len(tok.scales) * t / cfg.frames:.2f}")
         for steps in (25, 50):

@@ -49,3 +49,13 @@ def test_experiment_tables(run, small_nets, monkeypatch, capsys, what):
     expected = {"units": 7, "ar": 4, "stream": 6}[what]   # units: teacher + 6 students; stream: cost + 5
     assert len(rows) == expected, rows
     assert printed.count("\n|") >= expected - (what == "stream"), printed
+
+
+def test_bench_prints_a_row_per_method(capsys):
+    import bench
+    bench.main(["--config", "tiny", "--num", "1", "--device", "cpu", "--long", "13"])
+    out = capsys.readouterr().out
+    for name in ("tokenizer encode + decode", "tokenizer encode + quantize", "sample ar", "sample teacher 25",
+                 "sample teacher 50", "sample student", "train tokenizer", "train ar", "train teacher", "train causal",
+                 "long video"):
+        assert name in out, (name, out)
