@@ -5,6 +5,7 @@ with eval.py. Finished rows are skipped when the command is run again (checkpoin
   python experiments.py units  --base runs/toy   # paper B Tables 2 and 3: prediction unit, cube size
   python experiments.py ar     --base runs/toy   # paper A: error correction x random frame mask; drift; continuation
   python experiments.py stream --base runs/toy   # paper B Sec. 3.4: a long streamed video, per-unit cost and drift
+  python experiments.py suite  --base runs/toy   # eval.py itself: real held-out clips vs constructed inputs
 
 The base run is `python train.py --config toy` (or any config). Each command prints a markdown table and writes
 <base>/<command>.json.
@@ -180,10 +181,25 @@ def stream(args, base, cfg, tok, digits, nets):
     return out, list(METRICS)
 
 
+# ------------------------------------------------------------------------------------ the evaluation suite
+def suite(args, base, cfg, tok, digits, nets):
+    """eval.py's figures on real held-out clips (their digits as prompts) against constructed inputs: noise,
+    blank frames, frames in a random order, and the base run's tokenizer reconstructions."""
+    from train import reconstruct
+    real, labels = train.heldout_clips(cfg, digits, args.num, seed=5)
+    rng = np.random.default_rng(args.seed)
+    prompts = torch.from_numpy(labels)
+    rows = {"real held-out": real, "noise": rng.integers(0, 256, real.shape, dtype=np.uint8),
+            "blank": np.zeros_like(real), "shuffled frames": np.stack([c[rng.permutation(len(c))] for c in real]),
+            "tokenizer reconstructions (quantized)": reconstruct(tok, real, args.device, quantized=True),
+            "tokenizer reconstructions (continuous)": reconstruct(tok, real, args.device, quantized=False)}
+    return {name: score(v, prompts, nets, digits) for name, v in rows.items()}, list(METRICS)
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0], allow_abbrev=False,
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("what", choices=["units", "ar", "stream"], help="which table")
+    p.add_argument("what", choices=["units", "ar", "stream", "suite"], help="which table")
     p.add_argument("--base", default="runs/toy", help="the base run directory (python train.py --config toy)")
     p.add_argument("--num", type=int, default=64, help="prompted clips scored per row")
     p.add_argument("--long", type=int, default=2001, help="stream: video frames, 1 + ft*k")
@@ -192,11 +208,11 @@ def main(argv=None):
     args = p.parse_args(argv)
     base = Path(args.base)
     tok, _ = train.load_tokenizer(base, args.device)
-    cfg = Config(**load_checkpoint(base / ("ar.pt" if args.what == "ar" else "teacher.pt"))["config"])
+    cfg = Config(**load_checkpoint(base / {"ar": "ar.pt", "suite": "tokenizer.pt"}.get(args.what, "teacher.pt"))["config"])
     digits = data.load_digits(cfg.data_dir or None, download=False)
     nets = E.load_nets(device=args.device, digits=digits)
     torch.manual_seed(args.seed)
-    rows, cols = {"units": units, "ar": ar, "stream": stream}[args.what](args, base, cfg, tok, digits, nets)
+    rows, cols = {"units": units, "ar": ar, "stream": stream, "suite": suite}[args.what](args, base, cfg, tok, digits, nets)
     print(table({k: v for k, v in rows.items() if k != "cost"}, cols))
     (base / f"{args.what}.json").write_text(json.dumps(rows, indent=2))
     print(f"[experiments] -> {base / (args.what + '.json')}")
