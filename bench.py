@@ -14,14 +14,14 @@ import torch.nn.functional as F
 from torch.utils.flop_counter import FlopCounterMode
 
 import data
-from config import config_from_args, parser
+from config import autocast, config_from_args, parser
 from model import Transformer, ar_sequence, frame_scale_layout, partition, unit_layout
 from sample import generate_ar, generate_student, generate_teacher, stream_layout
 from tokenizer import Tokenizer
 
 
 def matmul_peak(device, n=2048, reps=10):
-    """GFLOP/s of an n x n fp32 matmul: the ceiling the other rows are compared with."""
+    """GFLOP/s of an n x n matmul (fp32, or bf16 under autocast): the ceiling the other rows are compared with."""
     a, b = torch.randn(n, n, device=device), torch.randn(n, n, device=device)
     for _ in range(3):
         a @ b
@@ -57,8 +57,8 @@ def peak_mem_mb(device):
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024   # process peak RSS (Linux: KiB)
 
 
-def train_steps(cfg, tok, ar, flow, device, b):
-    """One optimizer-free training step (forward + backward) of each stage, on a batch of b clips."""
+def train_steps(cfg, tok, ar, flow, device, b, amp):
+    """One optimizer-free training step (forward under `amp()`, then backward) of each stage, on b clips."""
     digits = data.load_digits(cfg.data_dir or None, verbose=False)
     video, labels = data.moving_mnist(b, digits, "train", cfg.mm_config(), seed=0)
     x = data.to_model(video, device)
@@ -77,22 +77,30 @@ def train_steps(cfg, tok, ar, flow, device, b):
     fpos, funit = fpos.to(device), funit.to(device)
 
     def tokenizer_step():
-        rec, rec_q, vq, _ = tok(tok_x)
-        (F.mse_loss(rec, tok_x) + F.mse_loss(rec_q, tok_x) + vq).backward()
+        with amp():
+            rec, rec_q, vq, _ = tok(tok_x)
+            loss = F.mse_loss(rec, tok_x) + F.mse_loss(rec_q, tok_x) + vq
+        loss.backward()
 
     def ar_step():
-        F.cross_entropy(ar(xs, pos, unit, prompt, start=start).flatten(0, 1), ys.flatten()).backward()
+        with amp():
+            loss = F.cross_entropy(ar(xs, pos, unit, prompt, start=start).flatten(0, 1), ys.flatten())
+        loss.backward()
 
     raster, rpos, runit = unit_layout("frame", t, tok.latent_side)
     xr, rpos, runit = partition(z, raster), rpos.to(device), runit.to(device)
 
     def teacher_step():
-        flow(xr, rpos, runit, prompt, mask="full", t=torch.rand(b, len(runit), device=device)).square().mean().backward()
+        with amp():
+            loss = flow(xr, rpos, runit, prompt, mask="full", t=torch.rand(b, len(runit), device=device)).square().mean()
+        loss.backward()
 
     def causal_step():
         tt = torch.rand(b, 2 * len(funit), device=device)
-        flow(torch.cat([x0, x0], 1), torch.cat([fpos, fpos]), torch.cat([funit, funit]), prompt, mask="forward",
-             noisy=noisy, t=tt).square().mean().backward()
+        with amp():
+            loss = flow(torch.cat([x0, x0], 1), torch.cat([fpos, fpos]), torch.cat([funit, funit]), prompt,
+                        mask="forward", noisy=noisy, t=tt).float().square().mean()
+        loss.backward()
 
     return {"train tokenizer": (tokenizer_step, b * cfg.tok_frames), "train ar": (ar_step, b * cfg.frames),
             "train teacher": (teacher_step, b * cfg.frames), f"train causal ({cfg.unit})": (causal_step, b * cfg.frames)}
@@ -113,8 +121,11 @@ def main(argv=None):
     side, c, n = tok.latent_side, cfg.z_channels, args.num
     prompts = torch.randint(0, 10, (n, cfg.num_digits), device=device)
     gen = torch.Generator(device)
-    peak = matmul_peak(device)
-    print(f"device {device}, threads {torch.get_num_threads()}, matmul peak {peak:.0f} GFLOP/s; config: "
+    amp = lambda: autocast(device, args.precision)           # noqa: E731 (a fresh context per use)
+    with amp():                                               # the peak in the precision the rows run in
+        peak = matmul_peak(device)
+    print(f"device {device}, threads {torch.get_num_threads()}, precision {args.precision}, matmul peak {peak:.0f} "
+          f"GFLOP/s; config: "
           f"{cfg.frames} frames of {cfg.size}x{cfg.size}, latent {t}x{side}x{side}x{c}, scales {tok.scales}, "
           f"model dim {cfg.dim} depth {cfg.depth}")
     print("fwd/frame: transformer forward passes per video frame (ar: K scales per latent frame; teacher: one per "
@@ -126,7 +137,7 @@ def main(argv=None):
         print(f"{name:40s} {sec:8.3f} {frames / sec:9.1f} {gflop / sec:8.1f} {gflop / sec / peak:8.1%} "
               f"{fwd_per_frame!s:>9s} {peak_mem_mb(device):8.0f}", flush=True)
 
-    with torch.no_grad():
+    with torch.no_grad(), amp():
         clips = data.to_model(data.moving_mnist(n, data.load_digits(cfg.data_dir or None, verbose=False), "test",
                                                 cfg.mm_config(), seed=0)[0], device)
         row("tokenizer encode + decode (continuous)", lambda: tok.decode(tok.encode(clips)), n * cfg.frames)
@@ -143,10 +154,11 @@ def main(argv=None):
             lambda: tok.decode(generate_student(flow, prompts, t, t, side, c, gen, cfg.unit, cfg.unit_kwargs(), 4,
                                                 progress=False)), n * cfg.frames, f"{units * 5 / cfg.frames:.2f}")
     b = cfg.ar_batch
-    for name, (fn, frames) in train_steps(cfg, tok.train(), ar, flow, device, b).items():
+    for name, (fn, frames) in train_steps(cfg, tok.train(), ar, flow, device, b, amp).items():
         row(f"{name} (batch {b}, fwd+bwd)", fn, frames)
     if args.long:
-        long_video(args, cfg, flow, prompts[:1], device)
+        with amp():
+            long_video(args, cfg, flow, prompts[:1], device)
 
 
 def long_video(args, cfg, flow, prompt, device):

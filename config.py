@@ -100,10 +100,25 @@ def parser(description):
     p.add_argument("--config", default="toy", choices=sorted(PRESETS), help="preset; flags below override it")
     p.add_argument("--seed", type=int, default=0, help="random seed")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="cpu or cuda[:i]")
+    add_precision_flag(p)
     g = p.add_argument_group("config fields (override the preset)")
     for f in fields(Config):
         g.add_argument("--" + f.name.replace("_", "-"), type=type(f.default), default=None, help=f.metadata["help"])
     return p
+
+
+def add_precision_flag(p):
+    p.add_argument("--precision", choices=["auto", "fp32", "bf16"], default="auto",
+                   help="bf16: matmuls and convs under bfloat16 autocast; auto = bf16 on CUDA, fp32 on CPU (bf16 is "
+                        "far slower than fp32 on most CPUs)")
+
+
+def autocast(device, precision):
+    """The forward passes' precision: a torch.autocast context, disabled for fp32. Losses, norms and softmax stay
+    fp32 under autocast; the quantizer runs in fp32 (Tokenizer.quantize)."""
+    kind = torch.device(device).type
+    bf16 = precision == "bf16" or (precision == "auto" and kind == "cuda")
+    return torch.autocast(kind, dtype=torch.bfloat16, enabled=bf16)
 
 
 def config_from_args(args):

@@ -224,7 +224,7 @@ class Attention(nn.Module):
         """x [B,L,C]; pos [L,3] of the new tokens and pos_k [Lk,3] of cached + new keys, both re-based in time;
         mask [Lq, Lk] or [B,1,Lq,Lk]."""
         q, k, v = rearrange(self.qkv(x), "b l (three h d) -> three b h l d", three=3, h=self.h)
-        q, k = self.q_norm(q), self.k_norm(k)
+        q, k = self.q_norm(q.float()).to(v.dtype), self.k_norm(k.float()).to(v.dtype)   # fp32 norm under bf16 autocast
         k_all, v_all = k, v
         if cache is not None and cache.k[layer] is not None:
             k_all = torch.cat([cache.k[layer], k], 2)

@@ -14,6 +14,7 @@ from tqdm import tqdm
 
 import data
 from model import KVCache, grid_positions, merge, partition, unit_layout
+from config import add_precision_flag, autocast
 from train import load_ar, load_flow, load_tokenizer, reconstruct
 
 
@@ -202,6 +203,7 @@ def build_parser():
     p.add_argument("--mp4", help="also write an MP4 (needs imageio[ffmpeg])")
     p.add_argument("--seed", type=int, default=0, help="random seed")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="cpu or cuda[:i]")
+    add_precision_flag(p)
     return p
 
 
@@ -229,14 +231,16 @@ def main(argv=None):
         tok, cfg = load_tokenizer(args.ckpt, args.device)
         video = np.load(args.reconstruct)
         try:
-            out = reconstruct(tok, video, args.device, quantized=not args.continuous)
+            with autocast(args.device, args.precision):
+                out = reconstruct(tok, video, args.device, quantized=not args.continuous)
         except (TypeError, ValueError) as e:
             p.error(f"{args.reconstruct}: {e}")
         write_outputs(args, out)
         return 0
     if args.method is None:
         p.error("say what to do: --method ar|teacher|student, or --reconstruct IN.npy")
-    video, prompts = run_ar(p, args) if args.method == "ar" else run_flow(p, args)
+    with autocast(args.device, args.precision):
+        video, prompts = run_ar(p, args) if args.method == "ar" else run_flow(p, args)
     write_outputs(args, video, prompts)
     return 0
 

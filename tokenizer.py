@@ -239,7 +239,7 @@ class MultiScaleVQ(nn.Module):
         """Re-seed codes no scale has used lately with random latent vectors (keeps every code alive)."""
         dead = self.usage.max(0).values < threshold
         if dead.any():
-            flat = rearrange(f.detach(), "n c h w -> (n h w) c")
+            flat = rearrange(f.detach().float(), "n c h w -> (n h w) c")
             self.codebook.data[dead] = flat[torch.randint(len(flat), (int(dead.sum()),), device=f.device)]
             self.usage[:, dead] = 1.0 / len(self.codebook)
         return int(dead.sum())
@@ -278,8 +278,9 @@ class Tokenizer(nn.Module):
     def quantize(self, z, corrupt=None):
         """z [B,c,t,h,w] -> codes (list over scales of [B,t,s,s]), inputs (list of [B,t,c,s,s]), f_hat, vq_loss."""
         b = z.shape[0]
-        f = rearrange(z, "b c t h w -> (b t) c h w")
-        codes, inputs, f_hat, loss = self.vq(f, corrupt)
+        f = rearrange(z.float(), "b c t h w -> (b t) c h w")
+        with torch.autocast(z.device.type, enabled=False):   # fp32 even under bf16 autocast: the nearest-code
+            codes, inputs, f_hat, loss = self.vq(f, corrupt)  # search and the residual sums need its resolution
         codes = [rearrange(c, "(b t) h w -> b t h w", b=b) for c in codes]
         inputs = [rearrange(x, "(b t) c h w -> b t c h w", b=b) for x in inputs]
         return codes, inputs, rearrange(f_hat, "(b t) c h w -> b c t h w", b=b), loss

@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 import data
-from config import Config, config_from_args, load_checkpoint, parser, save_checkpoint, seed_everything
+from config import Config, autocast, config_from_args, load_checkpoint, parser, save_checkpoint, seed_everything
 from model import Transformer, ar_sequence, frame_scale_layout, partition, unit_layout
 from tokenizer import Tokenizer
 
@@ -157,8 +157,9 @@ def train_tokenizer(cfg, args, digits, out):
         video, _ = data.moving_mnist(cfg.tok_batch, digits, "train", mm, seed=batch_seed(args.seed, "tokenizer", step))
         x = data.to_model(video, device)
         t1 = time.perf_counter()
-        rec, rec_q, vq_loss, z = tok(x)
-        loss = F.mse_loss(rec, x) + F.mse_loss(rec_q, x) + vq_loss
+        with autocast(device, args.precision):
+            rec, rec_q, vq_loss, z = tok(x)
+            loss = F.mse_loss(rec, x) + F.mse_loss(rec_q, x) + vq_loss
         optimize(tok, opt, loss, lr_at(step, cfg.tok_steps, cfg.tok_lr))
         if step % 25 == 0:   # keep every code alive (see MultiScaleVQ.restart_dead_codes)
             tok.vq.restart_dead_codes(z.detach().transpose(1, 2).flatten(0, 1))
@@ -235,14 +236,15 @@ def train_ar(cfg, args, digits, out, tok):
         video, labels = data.moving_mnist(cfg.ar_batch, digits, "train", mm, seed=batch_seed(args.seed, "ar", step))
         gen = torch.Generator(device).manual_seed(batch_seed(args.seed, "ar", step))
         corrupt = error_correction(cfg.ec_strength, frames, cfg.vocab, gen) if cfg.ec_strength > 0 else None
-        with torch.no_grad():
-            codes, inputs, _, _ = tok.quantize(tok.encode(data.to_model(video, device)), corrupt=corrupt)
-        x, y = ar_sequence(inputs, codes)
-        drop = torch.rand(len(x), generator=gen, device=device) < cfg.cond_drop
-        hide = random_frame_mask(cfg.frame_mask, frame, len(x), gen) if cfg.frame_mask > 0 else None
-        logits = model(x, pos, unit, torch.from_numpy(labels).to(device), mask="forward", drop=drop, start=start,
-                       hide=hide)
-        loss = F.cross_entropy(logits.flatten(0, 1), y.flatten())
+        with autocast(device, args.precision):
+            with torch.no_grad():
+                codes, inputs, _, _ = tok.quantize(tok.encode(data.to_model(video, device)), corrupt=corrupt)
+            x, y = ar_sequence(inputs, codes)
+            drop = torch.rand(len(x), generator=gen, device=device) < cfg.cond_drop
+            hide = random_frame_mask(cfg.frame_mask, frame, len(x), gen) if cfg.frame_mask > 0 else None
+            logits = model(x, pos, unit, torch.from_numpy(labels).to(device), mask="forward", drop=drop, start=start,
+                           hide=hide)
+            loss = F.cross_entropy(logits.flatten(0, 1), y.flatten())
         optimize(model, opt, loss, lr_at(step, cfg.ar_steps, cfg.ar_lr))
         bar.set_postfix(loss=f"{loss.item():.3f}")
         log(out, stage="ar", step=step + 1, loss=loss.item())
@@ -319,21 +321,23 @@ def train_flow(cfg, args, digits, out, tok, stage):
     for step in bar:
         video, labels = data.moving_mnist(cfg.fm_batch, digits, "train", mm, seed=batch_seed(args.seed, stage, step))
         gen = torch.Generator(device).manual_seed(batch_seed(args.seed, stage, step))
-        with torch.no_grad():
-            x0 = partition(tok.encode(data.to_model(video, device)) * z_scale, order, cfg.unit_kwargs()["scales"])
-        b = len(x0)
-        drop = torch.rand(b, generator=gen, device=device) < cfg.cond_drop
-        prompt = torch.from_numpy(labels).to(device)
-        if stage == "teacher":
-            tt = torch.rand(b, 1, generator=gen, device=device).expand(-1, x0.shape[1])
-            xt, v = flow_pair(x0, tt, gen)
-            pred = model(xt, pos, unit, prompt, mask="full", t=tt, drop=drop)
-        else:
-            tt = torch.rand(b, n_units, generator=gen, device=device)[:, unit[len(unit) // 2:]]  # a level per unit
-            xt, v = flow_pair(x0, tt, gen)
-            pred = model(torch.cat([x0, xt], 1), pos, unit, prompt, mask="forward", noisy=noisy,
-                         t=torch.cat([torch.zeros_like(tt), tt], 1), drop=drop)[:, x0.shape[1]:]
-        loss = F.mse_loss(pred, v)
+        with autocast(device, args.precision):
+            with torch.no_grad():
+                z = tok.encode(data.to_model(video, device)).float()
+                x0 = partition(z * z_scale, order, cfg.unit_kwargs()["scales"])
+            b = len(x0)
+            drop = torch.rand(b, generator=gen, device=device) < cfg.cond_drop
+            prompt = torch.from_numpy(labels).to(device)
+            if stage == "teacher":
+                tt = torch.rand(b, 1, generator=gen, device=device).expand(-1, x0.shape[1])
+                xt, v = flow_pair(x0, tt, gen)
+                pred = model(xt, pos, unit, prompt, mask="full", t=tt, drop=drop)
+            else:
+                tt = torch.rand(b, n_units, generator=gen, device=device)[:, unit[len(unit) // 2:]]  # a level per unit
+                xt, v = flow_pair(x0, tt, gen)
+                pred = model(torch.cat([x0, xt], 1), pos, unit, prompt, mask="forward", noisy=noisy,
+                             t=torch.cat([torch.zeros_like(tt), tt], 1), drop=drop)[:, x0.shape[1]:]
+            loss = F.mse_loss(pred.float(), v)
         optimize(model, opt, loss, lr_at(step, steps, cfg.fm_lr))
         bar.set_postfix(loss=f"{loss.item():.4f}")
         log(out, stage=stage, step=step + 1, loss=loss.item())
