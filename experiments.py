@@ -25,7 +25,7 @@ import torch
 import data
 import eval as E
 import train
-from config import Config, load_checkpoint
+from config import Config, add_precision_flag, autocast, load_checkpoint
 from sample import generate_ar, generate_student, generate_teacher, stream_layout
 
 METRICS = ("semantic", "consistency", "fvd_mm", "fid_mm", "motion")
@@ -66,7 +66,11 @@ def table(rows, cols):
 
 
 def train_args(args):
-    return SimpleNamespace(device=args.device, seed=args.seed, stop_after=0)
+    return SimpleNamespace(device=args.device, seed=args.seed, stop_after=0, precision=args.precision)
+
+
+def amp(args):
+    return autocast(args.device, args.precision)
 
 
 # ------------------------------------------------------------------------------------ paper B: units, cubes
@@ -84,8 +88,9 @@ def units(args, base, cfg, tok, digits, nets):
     teacher, _, z_scale = train.load_flow(base, "teacher", args.device)
     gen = torch.Generator(args.device).manual_seed(args.seed)
     t0 = time.perf_counter()
-    z = generate_teacher(teacher, prompts.to(args.device), t, side, cfg.z_channels, gen, 25, 3.0, progress=False)
-    video = decode(tok, z / z_scale)
+    with amp(args):
+        z = generate_teacher(teacher, prompts.to(args.device), t, side, cfg.z_channels, gen, 25, 3.0, progress=False)
+        video = decode(tok, z / z_scale)
     out = {"teacher (full attention, 25 steps)": {**score(video, prompts, nets, digits),
                                                   "frames/s": video.size / video[0, 0].size / (time.perf_counter() - t0)}}
     for name, over in rows.items():
@@ -100,9 +105,10 @@ def units(args, base, cfg, tok, digits, nets):
         n_units = len(stream_layout(c.unit, t, t, side, **c.unit_kwargs()))
         gen = torch.Generator(args.device).manual_seed(args.seed)
         t1 = time.perf_counter()
-        z = generate_student(model, prompts.to(args.device), t, t, side, c.z_channels, gen, c.unit, c.unit_kwargs(),
-                             4, 3.0, context_len=n_units - 1, progress=False)
-        video = decode(tok, z / z_scale)
+        with amp(args):
+            z = generate_student(model, prompts.to(args.device), t, t, side, c.z_channels, gen, c.unit,
+                                 c.unit_kwargs(), 4, 3.0, context_len=n_units - 1, progress=False)
+            video = decode(tok, z / z_scale)
         out[f"{name}: {n_units} units"] = {**score(video, prompts, nets, digits), "train s": round(train_s),
                                            "frames/s": video.size / video[0, 0].size / (time.perf_counter() - t1)}
         print(f"[units] {name}: {out[f'{name}: {n_units} units']}", flush=True)
@@ -131,17 +137,17 @@ def ar(args, base, cfg, tok, digits, nets):
         r = {}
         for mult in (1, 2, 4):
             gen = torch.Generator(args.device).manual_seed(args.seed)
-            f_hat = generate_ar(model, tok, prompts.to(args.device), 1 + (trained - 1) * mult, gen,
-                                window=trained - 1, progress=False)
-            s = score(decode(tok, f_hat), prompts, nets, digits)
+            with amp(args):
+                video = decode(tok, generate_ar(model, tok, prompts.to(args.device), 1 + (trained - 1) * mult, gen,
+                                                window=trained - 1, progress=False))
+            s = score(video, prompts, nets, digits)
             tag = "" if mult == 1 else f" {mult}x"
             r.update({f"semantic{tag}": s["semantic"], f"consistency{tag}": s["consistency"], f"fvd_mm{tag}": s["fvd_mm"]})
-        with torch.no_grad():
-            codes = tok.quantize(tok.encode(data.to_model(truth[:, :ctx_frames], args.device)))[0]
         gen = torch.Generator(args.device).manual_seed(args.seed)
-        f_hat = generate_ar(model, tok, None, 1 + (total - 1) // cfg.ft, gen, context=codes,
-                            window=trained - 1, progress=False)
-        pred = decode(tok, f_hat)[:, ctx_frames:]
+        with torch.no_grad(), amp(args):
+            codes = tok.quantize(tok.encode(data.to_model(truth[:, :ctx_frames], args.device)))[0]
+            pred = decode(tok, generate_ar(model, tok, None, 1 + (total - 1) // cfg.ft, gen, context=codes,
+                                           window=trained - 1, progress=False))[:, ctx_frames:]
         s = E.prediction_metrics(pred, truth[:, ctx_frames:])
         r.update({"cont. mse": s["mse"], "cont. ssim": s["ssim"]})
         out[name] = r
@@ -167,10 +173,11 @@ def stream(args, base, cfg, tok, digits, nets):
 
     prompts = prompts_for(args.num, c.num_digits, args.seed)
     gen = torch.Generator(args.device).manual_seed(args.seed)
-    z = generate_student(model, prompts.to(args.device), latent, chunk, side, c.z_channels, gen, c.unit,
-                         c.unit_kwargs(), 4, 3.0, context_len=n_units - 1, on_unit=on_unit)
+    with amp(args):
+        z = generate_student(model, prompts.to(args.device), latent, chunk, side, c.z_channels, gen, c.unit,
+                             c.unit_kwargs(), 4, 3.0, context_len=n_units - 1, on_unit=on_unit)
+        video = decode(tok, z / z_scale)
     per_unit = np.diff([s[0] for s in stamps]) * 1e3
-    video = decode(tok, z / z_scale)
     out = {"cost": {"units": len(stamps), "ms/unit at units 6-15": float(per_unit[5:15].mean()),
                     "ms/unit at the last 10": float(per_unit[-10:].mean()),
                     "KV MB at unit 10": stamps[10][1], f"KV MB at unit {len(stamps)}": stamps[-1][1]}}
@@ -191,8 +198,10 @@ def suite(args, base, cfg, tok, digits, nets):
     prompts = torch.from_numpy(labels)
     rows = {"real held-out": real, "noise": rng.integers(0, 256, real.shape, dtype=np.uint8),
             "blank": np.zeros_like(real), "shuffled frames": np.stack([c[rng.permutation(len(c))] for c in real]),
-            "tokenizer reconstructions (quantized)": reconstruct(tok, real, args.device, quantized=True),
-            "tokenizer reconstructions (continuous)": reconstruct(tok, real, args.device, quantized=False)}
+            "tokenizer reconstructions (quantized)": None, "tokenizer reconstructions (continuous)": None}
+    with amp(args):
+        rows["tokenizer reconstructions (quantized)"] = reconstruct(tok, real, args.device, quantized=True)
+        rows["tokenizer reconstructions (continuous)"] = reconstruct(tok, real, args.device, quantized=False)
     return {name: score(v, prompts, nets, digits) for name, v in rows.items()}, list(METRICS)
 
 
@@ -202,9 +211,11 @@ def main(argv=None):
     p.add_argument("what", choices=["units", "ar", "stream", "suite"], help="which table")
     p.add_argument("--base", default="runs/toy", help="the base run directory (python train.py --config toy)")
     p.add_argument("--num", type=int, default=64, help="prompted clips scored per row")
-    p.add_argument("--long", type=int, default=2001, help="stream: video frames, 1 + ft*k")
+    p.add_argument("--long", type=int, default=1997, help="stream: video frames, 1 + ft*k, a whole number of "
+                   "trained clips in latent frames for cube units (1997 frames = 500 latent frames = 1000 cubes 2x4x4)")
     p.add_argument("--seed", type=int, default=0, help="random seed")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="cpu or cuda[:i]")
+    add_precision_flag(p)
     args = p.parse_args(argv)
     base = Path(args.base)
     tok, _ = train.load_tokenizer(base, args.device)

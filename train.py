@@ -1,6 +1,6 @@
 """Training, every stage behind one command:
 
-  python train.py --config toy                    # every stage in order, then a sample GIF (the CPU quickstart)
+  python train.py --config toy                    # every stage in order, each generator ending with a sample GIF
   python train.py --config toy --stage tokenizer  # one stage
 
 Stages write to --out (default runs/<config>): <stage>.pt (atomic checkpoint, config inside), log.jsonl and GIFs.
@@ -373,24 +373,37 @@ def main(argv=None):
             tok = train_tokenizer(cfg, args, digits, out)
         elif stage == "ar":
             tok = tok or load_tokenizer(out, args.device)[0]
-            model = train_ar(cfg, args, digits, out, tok)
-            write_sample_gif(cfg, args, out, model, tok)
+            train_ar(cfg, args, digits, out, tok)
+            write_sample_gif(cfg, args, out, stage, tok)
         else:
             tok = tok or load_tokenizer(out, args.device)[0]
             train_flow(cfg, args, digits, out, tok, stage)
+            write_sample_gif(cfg, args, out, stage, tok)
     print(f"[train] done in {time.time() - t0:.0f} s; outputs in {out}/")
 
 
-def write_sample_gif(cfg, args, out, model, tok, n=8):
-    """End of paper A training: 8 prompted clips to look at (out/sample_ar.gif, prompts in the file name's .txt)."""
-    from sample import generate_ar
+@torch.no_grad()
+def write_sample_gif(cfg, args, out, stage, tok, n=8):
+    """After each generator stage: n prompted clips to look at, out/sample_<stage>.gif (prompts in the .txt)."""
+    from sample import generate_ar, generate_student, generate_teacher, stream_layout
     gen = torch.Generator(args.device).manual_seed(args.seed)
     prompts = torch.randint(0, 10, (n, cfg.num_digits), generator=gen, device=args.device)
-    f_hat = generate_ar(model, tok, prompts, 1 + (cfg.frames - 1) // cfg.ft, gen, progress=False)
-    data.save_gif(out / "sample_ar.gif", data.from_model(tok.decode(f_hat)))
-    (out / "sample_ar.txt").write_text("\n".join(" ".join(map(str, p.tolist())) for p in prompts) + "\n")
-    print(f"[ar] samples for prompts {', '.join(' '.join(map(str, p.tolist())) for p in prompts)} -> "
-          f"{out / 'sample_ar.gif'}")
+    t, side = 1 + (cfg.frames - 1) // cfg.ft, tok.latent_side
+    with autocast(args.device, args.precision):
+        if stage == "ar":
+            z = generate_ar(load_ar(out, args.device)[0], tok, prompts, t, gen, progress=False)
+        else:
+            model, c, z_scale = load_flow(out, stage, args.device)
+            if stage == "teacher":
+                z = generate_teacher(model, prompts, t, side, c.z_channels, gen, progress=False) / z_scale
+            else:
+                units = len(stream_layout(c.unit, t, t, side, **c.unit_kwargs()))
+                z = generate_student(model, prompts, t, t, side, c.z_channels, gen, c.unit, c.unit_kwargs(),
+                                     context_len=units - 1, progress=False) / z_scale
+        data.save_gif(out / f"sample_{stage}.gif", data.from_model(tok.decode(z)))
+    (out / f"sample_{stage}.txt").write_text("\n".join(" ".join(map(str, p.tolist())) for p in prompts) + "\n")
+    print(f"[{stage}] samples for prompts {', '.join(' '.join(map(str, p.tolist())) for p in prompts)} -> "
+          f"{out / f'sample_{stage}.gif'}")
 
 
 def data_source_line(d):

@@ -25,7 +25,8 @@ def small_nets(digits, tmp_path_factory):
 
 
 def test_quickstart_writes_every_stage_and_a_sample_gif(run):
-    for f in ("tokenizer.pt", "ar.pt", "teacher.pt", "causal.pt", "tokenizer.gif", "sample_ar.gif", "sample_ar.txt"):
+    for f in ("tokenizer.pt", "ar.pt", "teacher.pt", "causal.pt", "tokenizer.gif", "sample_ar.gif", "sample_ar.txt",
+              "sample_teacher.gif", "sample_causal.gif", "sample_causal.txt"):
         assert (run / f).exists(), f
 
 
