@@ -312,3 +312,32 @@ def save_mp4(path, video, fps=8):
         iio.imwrite(path, v.repeat(3, -1) if v.shape[-1] == 1 else v, fps=fps)
     except Exception as e:
         raise RuntimeError(f"writing {path} needs an mp4 backend: pip install imageio[ffmpeg] ({e})") from e
+
+
+def main(argv=None):
+    """Write Moving MNIST clips to look at, reconstruct or score: uint8 .npy [N,T,H,W], their digits in a .txt
+    beside it (one line per clip, what eval.py --prompts reads), and optionally a GIF."""
+    import argparse
+    p = argparse.ArgumentParser(description=main.__doc__.split(":")[0], allow_abbrev=False,
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--npy", required=True, help="output clips, uint8 [N,T,H,W]; the prompts go to the same name .txt")
+    p.add_argument("--num", type=int, default=8, help="number of clips")
+    p.add_argument("--frames", type=int, default=13, help="frames per clip")
+    p.add_argument("--digits", type=int, default=2, help="digits per clip")
+    p.add_argument("--split", choices=["train", "test"], default="test", help="digit images to use (test = held out)")
+    p.add_argument("--gif", help="also write a GIF of the first 8 clips")
+    p.add_argument("--data-dir", default=None, help="directory with full MNIST IDX files")
+    p.add_argument("--seed", type=int, default=0, help="random seed")
+    args = p.parse_args(argv)
+    video, labels = moving_mnist(args.num, load_digits(args.data_dir), args.split,
+                                 MovingMNISTConfig(frames=args.frames, num_digits=args.digits), seed=args.seed)
+    Path(args.npy).parent.mkdir(parents=True, exist_ok=True)
+    np.save(args.npy, video)
+    Path(args.npy).with_suffix(".txt").write_text("".join(" ".join(map(str, l)) + "\n" for l in labels))
+    if args.gif:
+        save_gif(args.gif, video[:8])
+    print(f"[data] {video.shape} uint8 -> {args.npy} (+ {Path(args.npy).with_suffix('.txt')})")
+
+
+if __name__ == "__main__":
+    main()

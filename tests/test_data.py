@@ -93,3 +93,12 @@ def test_conversions_check_their_input():
         data.to_model(v.astype(np.float32))
     with pytest.raises(ValueError, match="shape"):
         data.to_model(np.zeros((5, 8, 8), np.uint8))
+
+
+def test_command_writes_clips_and_their_digits(tmp_path):
+    from eval import read_prompts
+    data.main(["--npy", str(tmp_path / "c.npy"), "--num", "3", "--frames", "5", "--gif", str(tmp_path / "c.gif")])
+    video = np.load(tmp_path / "c.npy")
+    assert video.shape == (3, 5, 64, 64) and video.dtype == np.uint8 and (tmp_path / "c.gif").exists()
+    again, labels = data.moving_mnist(3, data.load_digits(download=False), "test", data.MovingMNISTConfig(frames=5))
+    assert np.array_equal(video, again) and read_prompts(tmp_path / "c.txt") == labels.tolist()
