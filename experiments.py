@@ -51,9 +51,10 @@ def prompts_for(n, num_digits, seed):
     return torch.randint(0, 10, (n, num_digits), generator=torch.Generator().manual_seed(seed))
 
 
-def score(video, prompts, nets, digits, **kw):
-    r = E.evaluate(video, None if prompts is None else prompts.tolist(), nets=nets, digits=digits, **kw)
-    return {k: r[k] for k in (*METRICS, "mse", "ssim", "psnr") if r.get(k) is not None}
+def score(video, prompts, nets, digits):
+    """eval.py's generation metrics of uint8 clips [N,T,H,W] made for prompts [N, digits]."""
+    r = E.evaluate(video, prompts.tolist(), nets=nets, digits=digits)
+    return {k: r[k] for k in METRICS}
 
 
 def table(rows, cols):
@@ -211,8 +212,8 @@ def main(argv=None):
     p.add_argument("what", choices=["units", "ar", "stream", "suite"], help="which table")
     p.add_argument("--base", default="runs/toy", help="the base run directory (python train.py --config toy)")
     p.add_argument("--num", type=int, default=64, help="prompted clips scored per row")
-    p.add_argument("--long", type=int, default=1997, help="stream: video frames, 1 + ft*k, a whole number of "
-                   "trained clips in latent frames for cube units (1997 frames = 500 latent frames = 1000 cubes 2x4x4)")
+    p.add_argument("--long", type=int, default=1997, help="stream: video frames, 1 + ft*k; its latent frames must "
+                   "split into whole cubes (1997 frames = 500 latent frames = 1000 cubes of 2x4x4)")
     p.add_argument("--seed", type=int, default=0, help="random seed")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="cpu or cuda[:i]")
     add_precision_flag(p)
