@@ -121,13 +121,14 @@ def ar(args, base, cfg, tok, digits, nets):
     """Paper A's ablations: error correction on/off x random frame mask on/off, each trained for cfg.ar_steps.
     Scored on prompted clips of the trained length and of 2x and 4x that length (drift: the cache rolls over the
     last trained-length - 1 frames), and on continuation of held-out clips (given 1 + 2 ft frames, predict the
-    next 3 ft: Moving MNIST's 10 -> 10 with our 1 + ft*k lengths)."""
+    next 3 ft: Moving MNIST's 10 -> 10 with our 1 + ft*k lengths), prompted with the clips' true digits."""
     rows = {"EC on, frame mask on": {}, "EC off, frame mask on": dict(ec_strength=0.0),
             "EC on, frame mask off": dict(frame_mask=0.0), "EC off, frame mask off": dict(ec_strength=0.0, frame_mask=0.0)}
     trained = 1 + (cfg.frames - 1) // cfg.ft
     prompts = prompts_for(args.num, cfg.num_digits, args.seed)
     ctx_frames, total = 1 + 2 * cfg.ft, 1 + 5 * cfg.ft
-    truth, _ = train.heldout_clips(cfg, digits, args.num // 2, frames=total, seed=99)
+    truth, labels = train.heldout_clips(cfg, digits, args.num // 2, frames=total, seed=99)
+    labels = torch.as_tensor(labels)
     out = {}
     for name, over in rows.items():
         d = base if not over else variant_dir(base, "ar-" + "-".join(f"{k}{v:g}" for k, v in over.items()),
@@ -135,7 +136,8 @@ def ar(args, base, cfg, tok, digits, nets):
         c = dataclasses.replace(cfg, **over)
         train.train_ar(c, train_args(args), digits, d, tok)
         model, _ = train.load_ar(d, args.device)
-        r = {}
+        with amp(args):
+            r = train.eval_ar(model, tok, truth[:, :cfg.frames], labels, args.device)
         for mult in (1, 2, 4):
             gen = torch.Generator(args.device).manual_seed(args.seed)
             with amp(args):
@@ -147,14 +149,16 @@ def ar(args, base, cfg, tok, digits, nets):
         gen = torch.Generator(args.device).manual_seed(args.seed)
         with torch.no_grad(), amp(args):
             codes = tok.quantize(tok.encode(data.to_model(truth[:, :ctx_frames], args.device)))[0]
-            pred = decode(tok, generate_ar(model, tok, None, 1 + (total - 1) // cfg.ft, gen, context=codes,
-                                           window=trained - 1, progress=False))[:, ctx_frames:]
+            pred = decode(tok, generate_ar(model, tok, labels.to(args.device), 1 + (total - 1) // cfg.ft, gen,
+                                           context=codes, window=trained - 1, progress=False))[:, ctx_frames:]
         s = E.prediction_metrics(pred, truth[:, ctx_frames:])
-        r.update({"cont. mse": s["mse"], "cont. ssim": s["ssim"]})
+        r.update({"cont. mse": s["mse"], "cont. ssim": s["ssim"],
+                  "cont. semantic": score(pred, labels, nets, digits)["semantic"]})
         out[name] = r
         print(f"[ar] {name}: {r}", flush=True)
     cols = [f"{m}{tag}" for tag in ("", " 2x", " 4x") for m in ("semantic", "consistency", "fvd_mm")]
-    return out, cols + ["cont. mse", "cont. ssim"]
+    return out, ["ce", "ce_null", "acc_last_frame0", "acc_last_later", *cols, "cont. mse", "cont. ssim",
+                 "cont. semantic"]
 
 
 # --------------------------------------------------------------------------------- paper B: streaming, drift

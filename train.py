@@ -217,6 +217,34 @@ def load_ar(ckpt_dir, device="cpu"):
     return model.to(device).eval(), cfg
 
 
+@torch.no_grad()
+def eval_ar(model, tok, clips, labels, device):
+    """Teacher-forced held-out figures of a paper A model on uint8 clips [N,T,H,W] with their digits [N,n]:
+    cross-entropy over all codes with the prompt (ce) and with the null condition (ce_null: if the two are equal the
+    model ignores the prompt), and the share of the last scale's codes it gets right (acc_last: the scale that
+    draws the digits), for the first latent frame and for the later ones (which can look at earlier frames)."""
+    was_training = model.training
+    model.eval()
+    frames = 1 + (clips.shape[1] - 1) // tok.cfg.ft
+    pos, unit, frame = (a.to(device) for a in frame_scale_layout(frames, tok.scales, tok.latent_side))
+    K = len(tok.scales)
+    codes, inputs, _, _ = tok.quantize(tok.encode(data.to_model(clips, device)))
+    x, y = ar_sequence(inputs, codes)
+    prompts = torch.as_tensor(labels, device=device)
+    out = {}
+    for name, drop in (("ce", False), ("ce_null", True)):
+        logits = model(x, pos, unit, prompts, mask="forward", drop=torch.full((len(x),), drop, device=device),
+                       start=unit % K == 0)
+        out[name] = F.cross_entropy(logits.flatten(0, 1), y.flatten()).item()
+        if not drop:
+            hit = (logits.argmax(-1) == y).float()
+            last = unit % K == K - 1
+            out["acc_last_frame0"] = hit[:, last & (frame == 0)].mean().item()
+            out["acc_last_later"] = hit[:, last & (frame > 0)].mean().item() if frames > 1 else float("nan")
+    model.train(was_training)
+    return out
+
+
 def train_ar(cfg, args, digits, out, tok):
     """Paper A: cross-entropy over the codes of every (frame, scale) unit, forward mask over units."""
     device = args.device
@@ -231,6 +259,7 @@ def train_ar(cfg, args, digits, out, tok):
     pos, unit, frame = (a.to(device) for a in frame_scale_layout(frames, tok.scales, tok.latent_side))
     start = unit % len(tok.scales) == 0      # scale 1 of each frame takes the start token
     mm = cfg.mm_config()
+    held, held_labels = heldout_clips(cfg, digits, cfg.eval_clips)
     bar = tqdm(range(step, cfg.ar_steps), desc="ar", initial=step, total=cfg.ar_steps, dynamic_ncols=True)
     for step in bar:
         video, labels = data.moving_mnist(cfg.ar_batch, digits, "train", mm, seed=batch_seed(args.seed, "ar", step))
@@ -250,7 +279,11 @@ def train_ar(cfg, args, digits, out, tok):
         log(out, stage="ar", step=step + 1, loss=loss.item())
         save, stop = end_of_step(args, bar, step, cfg.ar_steps, cfg.eval_every)
         if save:
-            log(out, stage="ar", step=step + 1, train_acc=(logits.argmax(-1) == y).float().mean().item())
+            with autocast(device, args.precision):
+                held_out = eval_ar(model, tok, held, held_labels, device)
+            bar.write(f"[ar] step {step + 1}: held-out " + ", ".join(f"{k} {v:.3f}" for k, v in held_out.items()))
+            log(out, stage="ar", step=step + 1, train_acc=(logits.argmax(-1) == y).float().mean().item(),
+                **{"heldout_" + k: v for k, v in held_out.items()})
             save_stage(path, cfg, model, opt, step + 1)
         if stop:
             stop_now(bar, "ar", args)
