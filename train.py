@@ -231,16 +231,19 @@ def eval_ar(model, tok, clips, labels, device):
     codes, inputs, _, _ = tok.quantize(tok.encode(data.to_model(clips, device)))
     x, y = ar_sequence(inputs, codes)
     prompts = torch.as_tensor(labels, device=device)
+    past = (frame[:, None] > frame[None, :]).expand(len(x), -1, -1)    # [B,L,L]: every earlier frame hidden
+    last = unit % K == K - 1
     out = {}
-    for name, drop in (("ce", False), ("ce_null", True)):
+    for name, drop, hide in (("", False, None), ("_null", True, None), ("_nopast", False, past)):
         logits = model(x, pos, unit, prompts, mask="forward", drop=torch.full((len(x),), drop, device=device),
-                       start=unit % K == 0)
-        out[name] = F.cross_entropy(logits.flatten(0, 1), y.flatten()).item()
-        if not drop:
-            hit = (logits.argmax(-1) == y).float()
-            last = unit % K == K - 1
+                       start=unit % K == 0, hide=hide)
+        if name != "_nopast":
+            out["ce" + name] = F.cross_entropy(logits.flatten(0, 1), y.flatten()).item()
+        hit = (logits.argmax(-1) == y).float()
+        if name == "":
             out["acc_last_frame0"] = hit[:, last & (frame == 0)].mean().item()
-            out["acc_last_later"] = hit[:, last & (frame > 0)].mean().item() if frames > 1 else float("nan")
+        if name != "_null" and frames > 1:
+            out["acc_last_later" + name] = hit[:, last & (frame > 0)].mean().item()
     model.train(was_training)
     return out
 
