@@ -86,7 +86,7 @@ def units(args, base, cfg, tok, digits, nets):
         if t % max(1, t // a) == 0 and cube not in [r.get("cube") for r in rows.values()]:   # e.g. t = 3 has no t/2
             rows[f"cube {name} ({cube.replace(',', 'x')})"] = dict(unit="cube", cube=cube)
     prompts = prompts_for(args.num, cfg.num_digits, args.seed)
-    teacher, _, z_scale = train.load_flow(base, "teacher", args.device)
+    teacher, _, z_scale = train.load_flow(base, "teacher", args.device, tok)
     gen = torch.Generator(args.device).manual_seed(args.seed)
     t0 = time.perf_counter()
     with amp(args):
@@ -102,7 +102,7 @@ def units(args, base, cfg, tok, digits, nets):
         t1 = time.perf_counter()
         train.train_flow(c, train_args(args), digits, d, tok, "causal")
         train_s = time.perf_counter() - t1
-        model, c, z_scale = train.load_flow(d, "causal", args.device)
+        model, c, z_scale = train.load_flow(d, "causal", args.device, tok)
         n_units = len(stream_layout(c.unit, t, t, side, **c.unit_kwargs()))
         gen = torch.Generator(args.device).manual_seed(args.seed)
         t1 = time.perf_counter()
@@ -135,7 +135,7 @@ def ar(args, base, cfg, tok, digits, nets):
                                               ["tokenizer.pt"])
         c = dataclasses.replace(cfg, **over)
         train.train_ar(c, train_args(args), digits, d, tok)
-        model, _ = train.load_ar(d, args.device)
+        model, _ = train.load_ar(d, args.device, tok)
         with amp(args):
             r = train.eval_ar(model, tok, truth[:, :cfg.frames], labels, args.device)
         for mult in (1, 2, 4):
@@ -166,7 +166,7 @@ def stream(args, base, cfg, tok, digits, nets):
     """The trained student streams args.long frames for args.num clips with the rolling cache (units of one
     trained clip minus one). Reports ms per unit and KV-cache size near unit 10 and at the end, and the scores
     of windows of the trained length along the video (does quality drift?)."""
-    model, c, z_scale = train.load_flow(base, "causal", args.device)
+    model, c, z_scale = train.load_flow(base, "causal", args.device, tok)
     chunk, side = 1 + (c.frames - 1) // c.ft, tok.latent_side
     latent = 1 + (args.long - 1) // c.ft
     n_units = len(stream_layout(c.unit, chunk, chunk, side, **c.unit_kwargs()))

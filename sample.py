@@ -287,7 +287,8 @@ def finish(video, clip, prompts):
 def run_flow(p, args):
     """--method teacher | student -> (uint8 [N,T,H,W], prompts or None)."""
     tok, _ = load_tokenizer(args.ckpt, args.device)
-    model, cfg, z_scale = load_flow(args.ckpt, "teacher" if args.method == "teacher" else "causal", args.device)
+    stage = "teacher" if args.method == "teacher" else "causal"
+    model, cfg, z_scale = load_flow(args.ckpt, stage, args.device, tok)
     gen = torch.Generator(args.device).manual_seed(args.seed)
     frames, clip, z_ctx = frames_and_context(p, args, cfg, tok)
     latent, side, c = 1 + (frames - 1) // cfg.ft, tok.latent_side, cfg.z_channels
@@ -312,7 +313,7 @@ def run_flow(p, args):
 def run_ar(p, args):
     """--method ar -> (uint8 [N,T,H,W], prompts or None)."""
     tok, cfg = load_tokenizer(args.ckpt, args.device)
-    model, _ = load_ar(args.ckpt, args.device)
+    model, _ = load_ar(args.ckpt, args.device, tok)
     gen = torch.Generator(args.device).manual_seed(args.seed)
     frames, clip, z_ctx = frames_and_context(p, args, cfg, tok)
     trained = 1 + (cfg.frames - 1) // cfg.ft

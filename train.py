@@ -6,6 +6,7 @@
 Stages write to --out (default runs/<config>): <stage>.pt (atomic checkpoint, config inside), log.jsonl and GIFs.
 Re-running a command resumes from its checkpoint exactly (same batches, same RNG), or skips a finished stage.
 """
+import hashlib
 import json
 import math
 import sys
@@ -57,12 +58,30 @@ def psnr(a, b):
 
 
 # ------------------------------------------------------------------------------ the loop shared by all stages
-def resume(path, cfg, keys, model, opt, name, total):
-    """Restore model, optimizer and RNG from `path` when it exists (refusing one written under other `keys`).
-    -> (first step to run, the saved state or None)."""
+def tokenizer_id(tok):
+    """Fingerprint of a tokenizer's weights. Generator checkpoints record the one they were trained on: a model
+    trained on one tokenizer's codes or latents means nothing on another's, even under the same config."""
+    h = hashlib.sha1()
+    for p in tok.parameters():
+        h.update(p.detach().float().cpu().numpy().tobytes())
+    return h.hexdigest()[:16]
+
+
+def check_tokenizer(state, tok, path):
+    """Refuse a generator checkpoint written against another tokenizer (e.g. the tokenizer was retrained since)."""
+    saved = state.get("tokenizer_id")   # None: written before fingerprints existed
+    if tok is not None and saved is not None and saved != tokenizer_id(tok):
+        raise RuntimeError(f"{path} was trained on another tokenizer than the one beside it (retrained since?); "
+                           f"its codes / latents no longer match. Delete {path} to retrain it, or use another --out.")
+
+
+def resume(path, cfg, keys, model, opt, name, total, tok=None):
+    """Restore model, optimizer and RNG from `path` when it exists (refusing one written under other `keys`, or,
+    given `tok`, against another tokenizer). -> (first step to run, the saved state or None)."""
     if not path.exists():
         return 0, None
     state = load_checkpoint(path, cfg, keys)
+    check_tokenizer(state, tok, path)
     model.load_state_dict(state["model"])
     opt.load_state_dict(state["opt"])
     torch.set_rng_state(state["rng"])
@@ -209,8 +228,10 @@ def build_ar(cfg, vocab):
     return Transformer(cfg.model_config(vocab=vocab))
 
 
-def load_ar(ckpt_dir, device="cpu"):
+def load_ar(ckpt_dir, device="cpu", tok=None):
+    """The paper A model of a run, with its config; given `tok`, refuse it if trained on another tokenizer."""
     state = load_checkpoint(Path(ckpt_dir) / "ar.pt")
+    check_tokenizer(state, tok, Path(ckpt_dir) / "ar.pt")
     cfg = Config(**state["config"])
     model = build_ar(cfg, cfg.vocab)
     model.load_state_dict(state["model"])
@@ -254,10 +275,11 @@ def train_ar(cfg, args, digits, out, tok):
     path = out / "ar.pt"
     model = build_ar(cfg, cfg.vocab).to(device)
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.ar_lr, betas=(0.9, 0.95), weight_decay=0.05)
-    step, _ = resume(path, cfg, MODEL_KEYS + ["frames"], model, opt, "ar", cfg.ar_steps)
+    step, _ = resume(path, cfg, MODEL_KEYS + ["frames"], model, opt, "ar", cfg.ar_steps, tok)
     if step >= cfg.ar_steps:
         return model.eval()
     tok = tok.to(device).eval().requires_grad_(False)
+    tok_id = tokenizer_id(tok)
     frames = 1 + (cfg.frames - 1) // cfg.ft
     pos, unit, frame = (a.to(device) for a in frame_scale_layout(frames, tok.scales, tok.latent_side))
     start = unit % len(tok.scales) == 0      # scale 1 of each frame takes the start token
@@ -287,7 +309,7 @@ def train_ar(cfg, args, digits, out, tok):
             bar.write(f"[ar] step {step + 1}: held-out " + ", ".join(f"{k} {v:.3f}" for k, v in held_out.items()))
             log(out, stage="ar", step=step + 1, train_acc=(logits.argmax(-1) == y).float().mean().item(),
                 **{"heldout_" + k: v for k, v in held_out.items()})
-            save_stage(path, cfg, model, opt, step + 1)
+            save_stage(path, cfg, model, opt, step + 1, tokenizer_id=tok_id)
         if stop:
             stop_now(bar, "ar", args)
     return model.eval()
@@ -308,9 +330,11 @@ def latent_scale(tok, cfg, digits, device, n=64):
         return float(1 / tok.encode(data.to_model(video, device)).std())
 
 
-def load_flow(ckpt_dir, stage, device="cpu"):
-    """The teacher or the causal student of a run, with its config and latent scale."""
+def load_flow(ckpt_dir, stage, device="cpu", tok=None):
+    """The teacher or the causal student of a run, with its config and latent scale (given `tok`, refused if
+    trained on another tokenizer)."""
     state = load_checkpoint(Path(ckpt_dir) / f"{stage}.pt")
+    check_tokenizer(state, tok, Path(ckpt_dir) / f"{stage}.pt")
     cfg = Config(**state["config"])
     model = Transformer(cfg.model_config())
     model.load_state_dict(state["model"])
@@ -333,18 +357,20 @@ def train_flow(cfg, args, digits, out, tok, stage):
     model = Transformer(cfg.model_config()).to(device)
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.fm_lr, betas=(0.9, 0.95), weight_decay=0.05)
     keys = MODEL_KEYS + (["frames"] if stage == "teacher" else ["frames", "unit", "stride", "cube"])
-    step, state = resume(path, cfg, keys, model, opt, stage, steps)
+    step, state = resume(path, cfg, keys, model, opt, stage, steps, tok)
     if step >= steps:
         return model.eval()
     if state is not None:
         z_scale = state["z_scale"]
     elif stage == "causal":
         teacher = load_checkpoint(out / "teacher.pt", cfg, MODEL_KEYS)
+        check_tokenizer(teacher, tok, out / "teacher.pt")
         model.load_state_dict(teacher["model"])
         z_scale = teacher["z_scale"]
     else:
         z_scale = latent_scale(tok, cfg, digits, device)
     tok = tok.to(device).eval().requires_grad_(False)
+    tok_id = tokenizer_id(tok)
     frames, side = 1 + (cfg.frames - 1) // cfg.ft, tok.latent_side
     order, pos, unit = unit_layout("frame" if stage == "teacher" else cfg.unit, frames, side, **cfg.unit_kwargs())
     pos, unit = pos.to(device), unit.to(device)
@@ -379,7 +405,7 @@ def train_flow(cfg, args, digits, out, tok, stage):
         log(out, stage=stage, step=step + 1, loss=loss.item())
         save, stop = end_of_step(args, bar, step, steps, cfg.eval_every)
         if save:
-            save_stage(path, cfg, model, opt, step + 1, z_scale=z_scale)
+            save_stage(path, cfg, model, opt, step + 1, z_scale=z_scale, tokenizer_id=tok_id)
         if stop:
             stop_now(bar, stage, args)
     return model.eval()
@@ -427,9 +453,9 @@ def write_sample_gif(cfg, args, out, stage, tok, n=8):
     t, side = 1 + (cfg.frames - 1) // cfg.ft, tok.latent_side
     with autocast(args.device, args.precision):
         if stage == "ar":
-            z = generate_ar(load_ar(out, args.device)[0], tok, prompts, t, gen, progress=False)
+            z = generate_ar(load_ar(out, args.device, tok)[0], tok, prompts, t, gen, progress=False)
         else:
-            model, c, z_scale = load_flow(out, stage, args.device)
+            model, c, z_scale = load_flow(out, stage, args.device, tok)
             if stage == "teacher":
                 z = generate_teacher(model, prompts, t, side, c.z_channels, gen, progress=False) / z_scale
             else:

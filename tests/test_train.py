@@ -62,6 +62,26 @@ def test_bad_flags_and_configs_leave_the_checkpoint_untouched(run, capsys):
     assert digest(ckpt) == before
 
 
+def test_a_generator_trained_on_another_tokenizer_is_refused(run, tmp_path):
+    """A tokenizer retrained under the same config (other weights) must not pair silently with an ar model or a
+    teacher trained on the old one's codes / latents: resuming, sampling and the next stage refuse it."""
+    d = tmp_path / "r"
+    d.mkdir()
+    shutil.copy(run / "tokenizer.pt", d)
+    common = ["--ar-steps", "3", "--fm-steps", "3", "--eval-every", "3", "--device", "cpu", "--out", str(d)]
+    for stage in ("ar", "teacher"):
+        train.main(TINY[:3] + [stage] + common)
+    sample.main(["--ckpt", str(d), "--method", "ar", "--num", "1", "--npy", str(tmp_path / "ok.npy")])   # same: fine
+    (d / "tokenizer.pt").unlink()
+    train.main(TINY + ["--out", str(d), "--seed", "1"])                    # same config, other weights
+    for stage in ("ar", "teacher", "causal"):                                # resume ar / teacher; causal's init
+        with pytest.raises(RuntimeError, match="another tokenizer"):
+            train.main(TINY[:3] + [stage] + common + ["--ar-steps", "6", "--fm-steps", "6"])
+    for method in ("ar", "teacher"):
+        with pytest.raises(RuntimeError, match="another tokenizer"):
+            sample.main(["--ckpt", str(d), "--method", method, "--num", "1", "--npy", str(tmp_path / "x.npy")])
+
+
 def test_corrupt_checkpoint_is_a_clear_error(tmp_path):
     (tmp_path / "tokenizer.pt").write_bytes(b"garbage")
     with pytest.raises(RuntimeError, match="not a readable checkpoint"):
