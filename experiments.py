@@ -67,7 +67,7 @@ def table(rows, cols):
 
 
 def train_args(args):
-    return SimpleNamespace(device=args.device, seed=args.seed, stop_after=0, precision=args.precision)
+    return SimpleNamespace(device=args.device, seed=args.seed, stop_after=0, precision=args.precision, compile=False)
 
 
 def amp(args):

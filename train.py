@@ -90,6 +90,13 @@ def resume(path, cfg, keys, model, opt, name, total, tok=None):
     return state["step"], state
 
 
+def compiled(module, args):
+    """`module` itself, or with --compile its torch.compile'd wrapper for the training forward passes (same weights:
+    checkpoints, evaluation and sampling keep using `module`). Worth it on a GPU; on a CPU compiling takes longer
+    than it saves in a toy run."""
+    return torch.compile(module) if args.compile else module
+
+
 def optimize(model, opt, loss, lr):
     opt.zero_grad(set_to_none=True)
     for g in opt.param_groups:
@@ -170,6 +177,7 @@ def train_tokenizer(cfg, args, digits, out):
     heldout, _ = heldout_clips(cfg, digits, cfg.eval_clips)
     mm = cfg.mm_config(cfg.tok_frames)
     t_data = t_step = 0.0
+    fwd = compiled(tok, args)
     bar = tqdm(range(step, cfg.tok_steps), desc="tokenizer", initial=step, total=cfg.tok_steps, dynamic_ncols=True)
     for step in bar:
         t0 = time.perf_counter()
@@ -177,7 +185,7 @@ def train_tokenizer(cfg, args, digits, out):
         x = data.to_model(video, device)
         t1 = time.perf_counter()
         with autocast(device, args.precision):
-            rec, rec_q, vq_loss, z = tok(x)
+            rec, rec_q, vq_loss, z = fwd(x)
             loss = F.mse_loss(rec, x) + F.mse_loss(rec_q, x) + vq_loss
         optimize(tok, opt, loss, lr_at(step, cfg.tok_steps, cfg.tok_lr))
         if step % 25 == 0:   # keep every code alive (see MultiScaleVQ.restart_dead_codes)
@@ -285,6 +293,7 @@ def train_ar(cfg, args, digits, out, tok):
     start = unit % len(tok.scales) == 0      # scale 1 of each frame takes the start token
     mm = cfg.mm_config()
     held, held_labels = heldout_clips(cfg, digits, cfg.eval_clips)
+    fwd = compiled(model, args)
     bar = tqdm(range(step, cfg.ar_steps), desc="ar", initial=step, total=cfg.ar_steps, dynamic_ncols=True)
     for step in bar:
         video, labels = data.moving_mnist(cfg.ar_batch, digits, "train", mm, seed=batch_seed(args.seed, "ar", step))
@@ -296,8 +305,8 @@ def train_ar(cfg, args, digits, out, tok):
             x, y = ar_sequence(inputs, codes)
             drop = torch.rand(len(x), generator=gen, device=device) < cfg.cond_drop
             hide = random_frame_mask(cfg.frame_mask, frame, len(x), gen) if cfg.frame_mask > 0 else None
-            logits = model(x, pos, unit, torch.from_numpy(labels).to(device), mask="forward", drop=drop, start=start,
-                           hide=hide)
+            logits = fwd(x, pos, unit, torch.from_numpy(labels).to(device), mask="forward", drop=drop, start=start,
+                         hide=hide)
             loss = F.cross_entropy(logits.flatten(0, 1), y.flatten())
         optimize(model, opt, loss, lr_at(step, cfg.ar_steps, cfg.ar_lr))
         bar.set_postfix(loss=f"{loss.item():.3f}")
@@ -379,6 +388,7 @@ def train_flow(cfg, args, digits, out, tok, stage):
         noisy = torch.cat([torch.zeros_like(unit, dtype=torch.bool), torch.ones_like(unit, dtype=torch.bool)])
         pos, unit = torch.cat([pos, pos]), torch.cat([unit, unit])
     mm = cfg.mm_config()
+    fwd = compiled(model, args)
     bar = tqdm(range(step, steps), desc=stage, initial=step, total=steps, dynamic_ncols=True)
     for step in bar:
         video, labels = data.moving_mnist(cfg.fm_batch, digits, "train", mm, seed=batch_seed(args.seed, stage, step))
@@ -393,12 +403,12 @@ def train_flow(cfg, args, digits, out, tok, stage):
             if stage == "teacher":
                 tt = torch.rand(b, 1, generator=gen, device=device).expand(-1, x0.shape[1])
                 xt, v = flow_pair(x0, tt, gen)
-                pred = model(xt, pos, unit, prompt, mask="full", t=tt, drop=drop)
+                pred = fwd(xt, pos, unit, prompt, mask="full", t=tt, drop=drop)
             else:
                 tt = torch.rand(b, n_units, generator=gen, device=device)[:, unit[len(unit) // 2:]]  # a level per unit
                 xt, v = flow_pair(x0, tt, gen)
-                pred = model(torch.cat([x0, xt], 1), pos, unit, prompt, mask="forward", noisy=noisy,
-                             t=torch.cat([torch.zeros_like(tt), tt], 1), drop=drop)[:, x0.shape[1]:]
+                pred = fwd(torch.cat([x0, xt], 1), pos, unit, prompt, mask="forward", noisy=noisy,
+                           t=torch.cat([torch.zeros_like(tt), tt], 1), drop=drop)[:, x0.shape[1]:]
             loss = F.mse_loss(pred.float(), v)
         optimize(model, opt, loss, lr_at(step, steps, cfg.fm_lr))
         bar.set_postfix(loss=f"{loss.item():.4f}")
@@ -416,6 +426,8 @@ def main(argv=None):
     p = parser(__doc__.split("\n")[0])
     p.add_argument("--stage", choices=STAGES + ["all"], default="all", help="which stage to train")
     p.add_argument("--out", default=None, help="run directory (default runs/<config>)")
+    p.add_argument("--compile", action="store_true", help="torch.compile the training forward passes (for GPUs; on a "
+                   "CPU the compile time outweighs the gain in a toy run)")
     p.add_argument("--stop-after", type=int, default=0, help="save and stop after this many steps of this run "
                    "(for time-sliced or preemptible jobs; running the command again resumes)")
     args = p.parse_args(argv)
