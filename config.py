@@ -39,6 +39,8 @@ class Config:
     tok_batch: int = _f(4, "tokenizer batch size (clips); small batches, many steps: best PSNR per CPU minute")
     tok_frames: int = _f(5, "frames per tokenizer training clip (1 + ft*k); the AE is causal conv, any length works")
     tok_lr: float = _f(6e-3, "tokenizer learning rate")
+    tok_coarse: float = _f(0.0, "weight of the coarse-scale loss (Tokenizer.coarse_loss): coarse partial sums decode "
+                                "to blurred video; 0 = off")
     # transformer (model.py), shared by paper A and paper B
     dim: int = _f(128, "transformer width")
     depth: int = _f(4, "transformer blocks")

@@ -285,6 +285,20 @@ class Tokenizer(nn.Module):
         inputs = [rearrange(x, "(b t) c h w -> b t c h w", b=b) for x in inputs]
         return codes, inputs, rearrange(f_hat, "(b t) c h w -> b c t h w", b=b), loss
 
+    def coarse_loss(self, x, z, k):
+        """Coarse-scale loss: the part of z that scale k can carry (z area-downsampled to s_k x s_k, bicubic back
+        up) must decode to the video blurred to 4*s_k pixels a side. Without it the coarse partial sums decode
+        to nothing and every digit stroke lives in the last scale, which the transformer samples in one parallel
+        step (see README, "Why the coarse scales"). x [B,C,T,H,W], z [B,c,t,h,w] -> scalar."""
+        s, b = self.scales[k], z.shape[0]
+        low = F.interpolate(F.interpolate(rearrange(z, "b c t h w -> (b t) c h w"), size=s, mode="area"),
+                            size=self.latent_side, mode="bicubic")
+        side = min(4 * s, x.shape[-1])
+        frames = rearrange(x, "b c t h w -> (b t) c h w")
+        target = F.interpolate(F.interpolate(frames, size=side, mode="area"), size=x.shape[-2:], mode="bilinear")
+        rec = self.decode(rearrange(low, "(b t) c h w -> b c t h w", b=b))
+        return F.mse_loss(rec, rearrange(target, "(b t) c h w -> b c t h w", b=b))
+
     def codes_to_fhat(self, codes):
         """codes: list over scales of [B,t,s,s] -> f_hat [B,c,t,h,w]."""
         b = codes[0].shape[0]

@@ -187,6 +187,8 @@ def train_tokenizer(cfg, args, digits, out):
         with autocast(device, args.precision):
             rec, rec_q, vq_loss, z = fwd(x)
             loss = F.mse_loss(rec, x) + F.mse_loss(rec_q, x) + vq_loss
+            if cfg.tok_coarse > 0 and len(tok.scales) > 1:   # one coarse scale per step, in turn (Tokenizer.coarse_loss)
+                loss = loss + cfg.tok_coarse * tok.coarse_loss(x, z, step % (len(tok.scales) - 1))
         optimize(tok, opt, loss, lr_at(step, cfg.tok_steps, cfg.tok_lr))
         if step % 25 == 0:   # keep every code alive (see MultiScaleVQ.restart_dead_codes)
             tok.vq.restart_dead_codes(z.detach().transpose(1, 2).flatten(0, 1))

@@ -85,3 +85,19 @@ def test_corruption_hook_requantizes_later_scales():
     naive = tok.codes_to_fhat([torch.randint(0, 64, c.shape, generator=torch.Generator().manual_seed(0))
                                if i == 0 else c for i, c in enumerate(clean)])
     assert (f_corr - z).pow(2).mean() < (naive - z).pow(2).mean()
+
+
+def test_coarse_loss_sees_only_what_its_scale_can_carry():
+    """Tokenizer.coarse_loss(k) decodes z's s_k x s_k area means: a change of z that averages to zero over every
+    cell of scale k leaves it unchanged; a change of one cell's mean does not."""
+    tok = tiny()
+    x = torch.rand(1, 1, 5, 64, 64) * 2 - 1
+    z = tok.encode(x)
+    k, s = 1, tok.scales[1]                          # 2 x 2 cells of 4 x 4 latent positions
+    cell = tok.latent_side // s
+    wiggle = torch.tensor([[1.0, -1.0], [-1.0, 1.0]]).repeat(cell // 2, cell // 2).repeat(s, s)   # zero mean per cell
+    base = tok.coarse_loss(x, z, k)
+    assert torch.allclose(tok.coarse_loss(x, z + 3 * wiggle, k), base, atol=1e-6)
+    shifted = z.clone()
+    shifted[..., :cell, :cell] += 1.0
+    assert not torch.allclose(tok.coarse_loss(x, shifted, k), base, atol=1e-4)

@@ -82,6 +82,12 @@ def test_a_generator_trained_on_another_tokenizer_is_refused(run, tmp_path):
             sample.main(["--ckpt", str(d), "--method", method, "--num", "1", "--npy", str(tmp_path / "x.npy")])
 
 
+def test_coarse_loss_flag_changes_the_tokenizer_objective(run, tmp_path):
+    """--tok-coarse is not a no-op: the same first batch gives a different training loss with it."""
+    train.main(TINY + ["--tok-steps", "1", "--tok-coarse", "1.0", "--out", str(tmp_path)])
+    assert losses(tmp_path)[1] > losses(run)[1] + 1e-3
+
+
 def test_compile_flag_sends_every_training_forward_through_torch_compile(tmp_path, monkeypatch):
     """--compile is not a no-op: each stage's training forward runs through torch.compile (a spy here; the real
     compiler is the slow test below), and without the flag nothing is compiled."""
