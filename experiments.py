@@ -6,6 +6,7 @@ with eval.py. Finished rows are skipped when the command is run again (checkpoin
   python experiments.py ar     --base runs/toy   # paper A: error correction x random frame mask; drift; continuation
   python experiments.py stream --base runs/toy   # paper B Sec. 3.4: a long streamed video, per-unit cost and drift
   python experiments.py suite  --base runs/toy   # eval.py itself: real held-out clips vs constructed inputs
+  python experiments.py scales --base runs/toy   # paper A: true codes of the first k scales, the rest sampled
 
 The base run is `python train.py --config toy` (or any config). Each command prints a markdown table and writes
 <base>/<command>.json.
@@ -194,6 +195,25 @@ def stream(args, base, cfg, tok, digits, nets):
 
 
 # ------------------------------------------------------------------------------------ the evaluation suite
+def scales(args, base, cfg, tok, digits, nets):
+    """Where paper A's sampling fails: every frame gets the true codes of its first k scales (held-out clips, their
+    digits as prompts) and the model samples the rest; k = K is the tokenizer's quantized reconstruction."""
+    model, _ = train.load_ar(base, args.device, tok)
+    real, labels = train.heldout_clips(cfg, digits, args.num, seed=5)
+    prompts = torch.from_numpy(labels).to(args.device)
+    with torch.no_grad(), amp(args):
+        codes = tok.quantize(tok.encode(data.to_model(real, args.device)))[0]
+    rows = {}
+    for k in range(len(tok.scales) + 1):
+        g = torch.Generator(args.device).manual_seed(args.seed)
+        with torch.no_grad(), amp(args):
+            f_hat = generate_ar(model, tok, prompts, codes[0].shape[1], g, context=codes, context_scales=k,
+                                progress=False)
+        name = f"true scales {', '.join(map(str, tok.scales[:k]))}" if k else "all sampled"
+        rows[name] = score(decode(tok, f_hat), prompts, nets, digits)
+    return rows, list(METRICS)
+
+
 def suite(args, base, cfg, tok, digits, nets):
     """eval.py's figures on real held-out clips (their digits as prompts) against constructed inputs: noise,
     blank frames, frames in a random order, and the base run's tokenizer reconstructions."""
@@ -213,7 +233,7 @@ def suite(args, base, cfg, tok, digits, nets):
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0], allow_abbrev=False,
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("what", choices=["units", "ar", "stream", "suite"], help="which table")
+    p.add_argument("what", choices=["units", "ar", "stream", "suite", "scales"], help="which table")
     p.add_argument("--base", default="runs/toy", help="the base run directory (python train.py --config toy)")
     p.add_argument("--num", type=int, default=64, help="prompted clips scored per row")
     p.add_argument("--long", type=int, default=1997, help="stream: video frames, 1 + ft*k; its latent frames must "
@@ -224,11 +244,12 @@ def main(argv=None):
     args = p.parse_args(argv)
     base = Path(args.base)
     tok, _ = train.load_tokenizer(base, args.device)
-    cfg = Config(**load_checkpoint(base / {"ar": "ar.pt", "suite": "tokenizer.pt"}.get(args.what, "teacher.pt"))["config"])
+    cfg = Config(**load_checkpoint(base / {"ar": "ar.pt", "scales": "ar.pt", "suite": "tokenizer.pt"}.get(args.what, "teacher.pt"))["config"])
     digits = data.load_digits(cfg.data_dir or None, download=False)
     nets = E.load_nets(device=args.device, digits=digits)
     torch.manual_seed(args.seed)
-    rows, cols = {"units": units, "ar": ar, "stream": stream, "suite": suite}[args.what](args, base, cfg, tok, digits, nets)
+    rows, cols = {"units": units, "ar": ar, "stream": stream, "suite": suite,
+            "scales": scales}[args.what](args, base, cfg, tok, digits, nets)
     print(table({k: v for k, v in rows.items() if k != "cost"}, cols))
     (base / f"{args.what}.json").write_text(json.dumps(rows, indent=2))
     print(f"[experiments] -> {base / (args.what + '.json')}")

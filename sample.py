@@ -35,11 +35,12 @@ def sample_logits(logits, generator, temperature=1.0, top_k=0, top_p=1.0):
 
 @torch.no_grad()
 def generate_ar(model, tok, prompts, frames, generator, cfg_scale=3.0, cfg_schedule="constant", temperature=1.0,
-                top_k=0, top_p=1.0, context=None, window=0, progress=True):
+                top_k=0, top_p=1.0, context=None, window=0, progress=True, context_scales=None):
     """Paper A generation: per latent frame, K next-scale steps (one forward each, KV cache), frames in order.
 
     prompts [B,n] digits (None: unconditional); frames: latent frames to produce; context: codes (list over scales
-    of [B,t_ctx,s,s]) of given frames, teacher-forced through the same loop; window > 0 keeps only the last
+    of [B,t_ctx,s,s]) of given frames, teacher-forced through the same loop (only their first `context_scales`
+    scales when given: the rest are sampled -- experiments.py scales); window > 0 keeps only the last
     `window` frames in the cache (rolling, for videos longer than trained). Returns f_hat [B,c,frames,h,w].
     """
     device = next(model.parameters()).device
@@ -65,7 +66,7 @@ def generate_ar(model, tok, prompts, frames, generator, cfg_scale=3.0, cfg_sched
             if guided:   # CFG (Ho & Salimans 2022) on the logits; the schedule ramps the weight over scales
                 w = cfg_scale if cfg_schedule == "constant" else 1 + (cfg_scale - 1) * (k + 1) / K
                 logits = logits[b:] + w * (logits[:b] - logits[b:])
-            if context is not None and f < context[0].shape[1]:
+            if context is not None and f < context[0].shape[1] and (context_scales is None or k < context_scales):
                 idx = context[k][:, f].flatten(1)
             else:
                 idx = sample_logits(logits, generator, temperature, top_k, top_p)
