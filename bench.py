@@ -18,6 +18,7 @@ from config import autocast, config_from_args, parser
 from model import Transformer, ar_sequence, frame_scale_layout, partition, unit_layout
 from sample import generate_ar, generate_student, generate_teacher, stream_layout
 from tokenizer import Tokenizer
+from train import build_ar
 
 
 def matmul_peak(device, n=2048, reps=10):
@@ -68,8 +69,8 @@ def train_steps(cfg, tok, ar, flow, device, b, amp):
     start = unit % len(tok.scales) == 0
     with torch.no_grad():
         z = tok.encode(x)
-        codes, inputs, _, _ = tok.quantize(z)
-    xs, ys = ar_sequence(inputs, codes)
+        codes, inputs, f_hat, _ = tok.quantize(z)
+    xs, ys = ar_sequence(inputs, codes, f_hat)
     tok_x = data.to_model(video[:, :cfg.tok_frames], device)
     order, fpos, funit = unit_layout(cfg.unit, t, tok.latent_side, **cfg.unit_kwargs())
     x0 = partition(z, order, cfg.unit_kwargs()["scales"])
@@ -115,7 +116,7 @@ def main(argv=None):
     device = args.device
     torch.manual_seed(args.seed)
     tok = Tokenizer(cfg.tokenizer_config(), cfg.size).to(device).eval()
-    ar = Transformer(cfg.model_config(vocab=cfg.vocab)).to(device)
+    ar = build_ar(cfg, cfg.vocab).to(device)
     flow = Transformer(cfg.model_config()).to(device)
     t = 1 + (cfg.frames - 1) // cfg.ft
     side, c, n = tok.latent_side, cfg.z_channels, args.num

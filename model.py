@@ -6,6 +6,8 @@ Reading guide (paper -> code):
   * Masks from unit order (paper B Fig. 3, Sec. 3.3): `unit_mask` -- full, forward (sees units <= own) or
     backward (units >= own); bidirectional inside a unit. Paper A's "VAR inside a frame, causal across frames"
     is the forward mask over (frame, scale) units.
+  * Next-frame context (paper A): `frame_context` -- every token of frame t is also fed frame t-1's full
+    quantized sum at its own scale, so the next frame is built on the codes actually drawn.
   * Multi-scale Temporal RoPE (paper A Sec. 3.2): `rope` -- every token is rotated by its physical (t, h, w) on
     the finest latent grid; a coarse-scale token sits at the centre of the region it covers. Attention scores
     depend only on position differences, so the same weights serve any unit type, resolution and length.
@@ -30,7 +32,7 @@ class ModelConfig:
     dim: int = 192
     depth: int = 6
     heads: int = 6
-    in_channels: int = 16      # latent channels c of the tokens fed in
+    in_channels: int = 16      # features per token fed in: c latent channels (paper B), 2c (paper A, ar_sequence)
     vocab: int = 0             # > 0: discrete head over codes (paper A); 0: continuous velocity head (paper B)
     num_classes: int = 10      # prompt vocabulary: the digits
     mlp_ratio: float = 4.0
@@ -133,21 +135,39 @@ def merge(tokens, order, t, side):
     return rearrange(tokens[:, -t * side * side:], "b (t h w) c -> b c t h w", t=t, h=side)
 
 
-def ar_sequence(inputs, codes):
+def frame_context(f_prev, scales):
+    """Paper A, next-frame: what the tokens of latent frame t are told of frame t-1.
+
+    f_prev [N,c,h,w]: the previous frame's full sum f_hat (every scale, so its finest detail too; zeros before
+    frame 0) -> [N, sum_k s_k^2, c]: f_prev area-downsampled to each scale of the pyramid, in token order, so each
+    token sees the previous frame at its own place and resolution. Without it the finest codes of a frame -- the
+    digits' strokes -- would reach the next frame only as the model's guesses, never as the codes drawn.
+    """
+    return torch.cat([rearrange(F.interpolate(f_prev, size=s, mode="area"), "n c h w -> n (h w) c")
+                      for s in scales], 1)
+
+
+def ar_sequence(inputs, codes, f_hat):
     """Paper A teacher forcing: lay the tokenizer's outputs out in `frame_scale_layout` order.
 
-    inputs: K-1 next-scale inputs [B,t,c,s_k,s_k] (k = 2..K); codes: K code maps [B,t,s_k,s_k]
-    -> x [B,L,c] (zeros where the start token goes: scale 1 of each frame), labels [B,L].
+    inputs: K-1 next-scale inputs [B,t,c,s_k,s_k] (k = 2..K); codes: K code maps [B,t,s_k,s_k]; f_hat
+    [B,c,t,h,w] the quantized sum of each frame (Tokenizer.quantize: with error correction, the corrupted one)
+    -> x [B,L,2c]: per token [next-scale input (zeros at scale 1, which takes the start token) || previous
+    frame's f_hat at its scale (frame_context)], and the labels [B,L].
     """
     b, t = codes[0].shape[:2]
     c = inputs[0].shape[2]
+    prev = torch.cat([torch.zeros_like(f_hat[:, :, :1]), f_hat[:, :, :-1]], 2)            # frame t sees t-1
+    ctx = rearrange(frame_context(rearrange(prev, "b c t h w -> (b t) c h w"), [i.shape[-1] for i in codes]),
+                    "(b t) l c -> b t l c", b=b)
     xs, ys = [], []
     for f in range(t):
         for k, idx in enumerate(codes):
             ys.append(idx[:, f].flatten(1))
             xs.append(inputs[0].new_zeros(b, idx[0, 0].numel(), c) if k == 0
                       else rearrange(inputs[k - 1][:, f], "b c h w -> b (h w) c"))
-    return torch.cat(xs, 1), torch.cat(ys, 1)
+    x = torch.cat(xs, 1)
+    return torch.cat([x, rearrange(ctx, "b t l c -> b (t l) c").to(x.dtype)], -1), torch.cat(ys, 1)
 
 
 # ---------------------------------------------------------------------------------------------------- RoPE
@@ -299,13 +319,13 @@ class Transformer(nn.Module):
         prompt [B,n]   digits;  drop [B] bool: use the null condition (CFG / condition dropout)
         mask   'full' | 'forward' | 'backward' (or a ready bool mask [Lq,Lk] / [B,1,Lq,Lk])
         t      [B,L]   flow time per token (paper B) or None;  noisy [L] bool: teacher-forcing layout (unit_mask)
-        start  [L] bool: tokens that take the start embedding instead of x (paper A, first scale of each frame)
+        start  [L] bool: tokens that get the start embedding added (paper A, first scale of each frame)
         hide   [B,Lq,Lk] bool: extra keys hidden per sample (paper A's Random Frame Mask)
         cache  KVCache: attend to cached tokens; append=True also writes these tokens into it
         """
         h = self.inp(x)
-        if start is not None:
-            h = torch.where(start[None, :, None].to(h.device), self.start.to(h.dtype), h)
+        if start is not None:   # added, not substituted: a start token keeps its input (paper A: frame_context)
+            h = h + start[None, :, None].to(h.device) * self.start.to(h.dtype)
         c = self.condition(prompt, drop)
         if t is not None:
             c = c + self.time(timestep_embedding(t, self.cfg.dim))

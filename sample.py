@@ -13,7 +13,7 @@ from einops import rearrange
 from tqdm import tqdm
 
 import data
-from model import KVCache, grid_positions, merge, partition, unit_layout
+from model import KVCache, frame_context, grid_positions, merge, partition, unit_layout
 from config import add_precision_flag, autocast
 from train import load_ar, load_flow, load_tokenizer, reconstruct
 
@@ -54,14 +54,17 @@ def generate_ar(model, tok, prompts, frames, generator, cfg_scale=3.0, cfg_sched
         prompt_in = torch.cat([prompts, prompts]) if guided else prompts
         drop = torch.arange(len(prompt_in), device=device) >= b
     cache, out = KVCache(model.cfg.depth), []
+    f_hat = torch.zeros(b, tok.cfg.z_channels, side, side, device=device)       # "frame -1": nothing yet
     for f in tqdm(range(frames), desc="frames", disable=not progress):
-        f_hat = torch.zeros(b, tok.cfg.z_channels, side, side, device=device)
+        ctx = frame_context(f_hat, scales).split([s * s for s in scales], 1)    # what frame f knows of f-1
+        f_hat = torch.zeros_like(f_hat)
         x = f_hat.new_zeros(b, 1, tok.cfg.z_channels)
         for k, s in enumerate(scales):
             pos = grid_positions([f], s, side).to(device)
             unit = torch.full((s * s,), f * K + k, device=device)
             start = torch.full((s * s,), k == 0, device=device)
-            logits = model(torch.cat([x, x]) if guided else x, pos, unit, prompt_in, drop=drop, cache=cache,
+            xk = torch.cat([x, ctx[k]], -1)                                       # as in model.ar_sequence
+            logits = model(torch.cat([xk, xk]) if guided else xk, pos, unit, prompt_in, drop=drop, cache=cache,
                            append=True, start=start)
             if guided:   # CFG (Ho & Salimans 2022) on the logits; the schedule ramps the weight over scales
                 w = cfg_scale if cfg_schedule == "constant" else 1 + (cfg_scale - 1) * (k + 1) / K

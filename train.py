@@ -11,7 +11,7 @@ import json
 import math
 import sys
 import time
-from dataclasses import asdict
+from dataclasses import asdict, replace
 from pathlib import Path
 
 import numpy as np
@@ -228,14 +228,23 @@ def error_correction(strength, frames, vocab, generator):
 
 def random_frame_mask(rate, frame, batch, generator):
     """Paper A, Random Frame Mask: hide each earlier frame from later frames with probability `rate`, per clip.
-    frame [L] -> hide [B, L, L] (True = key hidden from query); a frame always sees itself."""
+    frame [L] -> hide [B, L, L] (True = key hidden from query; a frame always sees itself) and prev [B, L] (True
+    where a token's previous frame is hidden: its frame_context input must be blanked too, see hide_previous)."""
     frames = int(frame.max()) + 1
     hidden = torch.rand(batch, frames, generator=generator, device=frame.device) < rate      # [B, frames]
-    return hidden[:, frame][:, None, :] & (frame[None, :, None] > frame[None, None, :])
+    prev = torch.cat([torch.zeros_like(hidden[:, :1]), hidden[:, :-1]], 1)[:, frame]         # frame t-1 hidden
+    return hidden[:, frame][:, None, :] & (frame[None, :, None] > frame[None, None, :]), prev
+
+
+def hide_previous(x, prev):
+    """Blank the previous-frame half of paper A's inputs x [B,L,2c] where prev [B,L] is True (as for frame 0)."""
+    c = x.shape[-1] // 2
+    return torch.cat([x[..., :c], x[..., c:] * ~prev[..., None]], -1)
 
 
 def build_ar(cfg, vocab):
-    return Transformer(cfg.model_config(vocab=vocab))
+    """Paper A's transformer: tokens carry 2c features, [next-scale input || previous frame] (model.ar_sequence)."""
+    return Transformer(replace(cfg.model_config(vocab=vocab), in_channels=2 * cfg.z_channels))
 
 
 def load_ar(ckpt_dir, device="cpu", tok=None):
@@ -259,14 +268,16 @@ def eval_ar(model, tok, clips, labels, device):
     frames = 1 + (clips.shape[1] - 1) // tok.cfg.ft
     pos, unit, frame = (a.to(device) for a in frame_scale_layout(frames, tok.scales, tok.latent_side))
     K = len(tok.scales)
-    codes, inputs, _, _ = tok.quantize(tok.encode(data.to_model(clips, device)))
-    x, y = ar_sequence(inputs, codes)
+    codes, inputs, f_hat, _ = tok.quantize(tok.encode(data.to_model(clips, device)))
+    x, y = ar_sequence(inputs, codes, f_hat)
     prompts = torch.as_tensor(labels, device=device)
     past = (frame[:, None] > frame[None, :]).expand(len(x), -1, -1)    # [B,L,L]: every earlier frame hidden
+    blind = hide_previous(x, (frame > 0).expand(len(x), -1))           # ... and not fed as context either
     last = unit % K == K - 1
     out = {}
     for name, drop, hide in (("", False, None), ("_null", True, None), ("_nopast", False, past)):
-        logits = model(x, pos, unit, prompts, mask="forward", drop=torch.full((len(x),), drop, device=device),
+        logits = model(x if hide is None else blind, pos, unit, prompts, mask="forward",
+                       drop=torch.full((len(x),), drop, device=device),
                        start=unit % K == 0, hide=hide)
         if name != "_nopast":
             out["ce" + name] = F.cross_entropy(logits.flatten(0, 1), y.flatten()).item()
@@ -303,10 +314,13 @@ def train_ar(cfg, args, digits, out, tok):
         corrupt = error_correction(cfg.ec_strength, frames, cfg.vocab, gen) if cfg.ec_strength > 0 else None
         with autocast(device, args.precision):
             with torch.no_grad():
-                codes, inputs, _, _ = tok.quantize(tok.encode(data.to_model(video, device)), corrupt=corrupt)
-            x, y = ar_sequence(inputs, codes)
+                codes, inputs, f_hat, _ = tok.quantize(tok.encode(data.to_model(video, device)), corrupt=corrupt)
+            x, y = ar_sequence(inputs, codes, f_hat)   # f_hat: the corrupted sum, the later frames' context
             drop = torch.rand(len(x), generator=gen, device=device) < cfg.cond_drop
-            hide = random_frame_mask(cfg.frame_mask, frame, len(x), gen) if cfg.frame_mask > 0 else None
+            hide = None
+            if cfg.frame_mask > 0:
+                hide, prev = random_frame_mask(cfg.frame_mask, frame, len(x), gen)
+                x = hide_previous(x, prev)
             logits = fwd(x, pos, unit, torch.from_numpy(labels).to(device), mask="forward", drop=drop, start=start,
                          hide=hide)
             loss = F.cross_entropy(logits.flatten(0, 1), y.flatten())

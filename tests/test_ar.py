@@ -10,6 +10,7 @@ from model import KVCache, ModelConfig, Transformer, ar_sequence, frame_scale_la
 from tokenizer import Tokenizer, TokenizerConfig
 
 SCALES, SIDE, FRAMES = (1, 2, 4), 4, 3
+C = 2 * 8      # paper A token features: [next-scale input || previous frame] (model.ar_sequence)
 
 
 @pytest.fixture(scope="module")
@@ -22,7 +23,7 @@ def tok():
 
 @pytest.fixture(scope="module")
 def model():
-    return randomised(Transformer(ModelConfig(dim=32, depth=2, heads=2, in_channels=8, vocab=32)))
+    return randomised(Transformer(ModelConfig(dim=32, depth=2, heads=2, in_channels=16, vocab=32)))
 
 
 def layout():
@@ -43,7 +44,7 @@ def test_mask_is_forward_over_frame_scale_units():
 
 def test_output_does_not_change_when_a_later_unit_changes(model):
     pos, unit, _, start = layout()
-    x, prompt = torch.randn(2, len(unit), 8), torch.tensor([[1, 2], [3, 4]])
+    x, prompt = torch.randn(2, len(unit), C), torch.tensor([[1, 2], [3, 4]])
     ref = model(x, pos, unit, prompt, start=start)
     for u in (1, 4, 7):
         y = x.clone()
@@ -55,7 +56,7 @@ def test_output_does_not_change_when_a_later_unit_changes(model):
 
 def test_time_shift_leaves_outputs_unchanged(model):
     pos, unit, _, start = layout()
-    x, prompt = torch.randn(2, len(unit), 8), torch.tensor([[1, 2], [3, 4]])
+    x, prompt = torch.randn(2, len(unit), C), torch.tensor([[1, 2], [3, 4]])
     shifted = pos + torch.tensor([100.0, 0, 0])
     assert torch.allclose(model(x, shifted, unit, prompt, start=start), model(x, pos, unit, prompt, start=start),
                           atol=1e-4)
@@ -70,7 +71,7 @@ def test_sampling_loop_with_cache_equals_full_teacher_forced_forward(model, tok)
     function) and, through the KV cache, produce the logits of one masked forward over the whole sequence."""
     z = tok.encode(torch.rand(2, 1, 9, 64, 64) * 2 - 1)
     codes, inputs, f_hat, _ = tok.quantize(z)
-    x, y = ar_sequence(inputs, codes)
+    x, y = ar_sequence(inputs, codes, f_hat)
     pos, unit, _, start = layout()
     prompt = torch.tensor([[1, 2], [3, 4]])
     full = model(x, pos, unit, prompt, start=start)
@@ -83,6 +84,29 @@ def test_sampling_loop_with_cache_equals_full_teacher_forced_forward(model, tok)
         hook.remove()
     assert torch.allclose(torch.cat(seen, 1), full, atol=1e-4)
     assert torch.allclose(got, f_hat, atol=1e-5)
+
+
+def test_next_frame_is_built_on_the_codes_drawn_in_the_previous_one(model, tok):
+    """Frame t's logits must change when frame t-1's LAST scale codes change (the strokes; they are never a
+    next-scale input, so only model.frame_context carries them across), and frame t-1's own logits must not."""
+    z = tok.encode(torch.rand(2, 1, 9, 64, 64) * 2 - 1)
+    codes = tok.quantize(z)[0]
+    other = [c.clone() for c in codes]
+    other[-1][:, 0] = (other[-1][:, 0] + 1) % 32             # frame 0, last scale only
+
+    def logits(c):
+        seen = []
+        hook = model.register_forward_hook(lambda m, a, out: seen.append(out))
+        try:
+            sample.generate_ar(model, tok, torch.tensor([[1, 2], [3, 4]]), FRAMES, torch.Generator(), cfg_scale=1.0,
+                               context=c, progress=False)
+        finally:
+            hook.remove()
+        return torch.cat(seen[:len(SCALES)], 1), torch.cat(seen[len(SCALES):2 * len(SCALES)], 1)
+
+    (a0, a1), (b0, b1) = logits(codes), logits(other)
+    assert torch.allclose(a0, b0, atol=1e-6)                  # frame 0 does not see its own labels
+    assert not torch.allclose(a1, b1, atol=1e-3)              # frame 1 sees what frame 0 drew, to the last stroke
 
 
 def test_error_correction_ramps_with_frame_and_spares_last_scale(tok):
@@ -100,7 +124,7 @@ def test_error_correction_ramps_with_frame_and_spares_last_scale(tok):
 
 def test_null_condition_is_used_when_the_prompt_is_dropped(model):
     pos, unit, _, start = layout()
-    x = torch.randn(2, len(unit), 8)
+    x = torch.randn(2, len(unit), C)
     a = torch.tensor([[1, 2], [1, 2]])
     b = torch.tensor([[5, 6], [7, 8]])
     drop = torch.tensor([True, True])
@@ -113,9 +137,10 @@ def test_null_condition_is_used_when_the_prompt_is_dropped(model):
 def test_random_frame_mask_hides_earlier_frames(model):
     pos, unit, frame, start = layout()
     gen = torch.Generator().manual_seed(0)
-    hide = train.random_frame_mask(1.0, frame, 2, gen)        # rate 1: every earlier frame hidden
+    hide, prev = train.random_frame_mask(1.0, frame, 2, gen)  # rate 1: every earlier frame hidden
     assert not hide[:, frame == 1][:, :, frame == 1].any()   # a frame always sees itself
-    x, prompt = torch.randn(2, len(unit), 8), torch.tensor([[1, 2], [3, 4]])
+    assert torch.equal(prev, (frame > 0).expand(2, -1))      # ... and is not fed the previous one either
+    x, prompt = torch.randn(2, len(unit), C), torch.tensor([[1, 2], [3, 4]])
     ref = model(x, pos, unit, prompt, start=start, hide=hide)
     y = x.clone()
     y[:, frame == 0] += 3.0
@@ -127,12 +152,12 @@ def test_random_frame_mask_hides_earlier_frames(model):
 def shallow():
     """One block: its keys and values depend on each token's own input only, so a cache built along a long video
     holds the same entries as one built for a short clip, and only positions can make the two differ."""
-    return randomised(Transformer(ModelConfig(dim=32, depth=1, heads=2, in_channels=8, vocab=32)))
+    return randomised(Transformer(ModelConfig(dim=32, depth=1, heads=2, in_channels=16, vocab=32)))
 
 
 def test_rolling_window_sees_what_a_short_clip_sees(shallow, tok):
-    """With window W, frame f is generated from the cached frames f-W..f-1 only, at the relative time offsets of
-    a W+1-frame clip starting at 0, however far along the video f is."""
+    """With window W, frame f is generated from the cached frames f-W..f-1 only (whose inputs carry frame f-W-1,
+    model.frame_context), at the relative time offsets of a short clip, however far along the video f is."""
     z = tok.encode(torch.rand(1, 1, 4 * 5 + 1, 64, 64) * 2 - 1)
     codes = tok.quantize(z)[0]                                 # 6 latent frames
     prompt = torch.tensor([[1, 2]])
@@ -143,8 +168,9 @@ def test_rolling_window_sees_what_a_short_clip_sees(shallow, tok):
                            progress=False)
         last = torch.cat(seen[-len(SCALES):], 1)             # logits of frame 5
         seen.clear()
-        short = [c[:, 3:6] for c in codes]                     # frames 3, 4, 5 as a clip of its own
-        sample.generate_ar(shallow, tok, prompt, 3, torch.Generator(), cfg_scale=1.0, context=short, progress=False)
+        short = [c[:, 2:6] for c in codes]                     # frames 2-5 as a clip of its own
+        sample.generate_ar(shallow, tok, prompt, 4, torch.Generator(), cfg_scale=1.0, context=short, window=2,
+                           progress=False)
         ref = torch.cat(seen[-len(SCALES):], 1)
     finally:
         hook.remove()
@@ -155,12 +181,12 @@ def test_positions_are_rebased_far_into_a_video(shallow):
     """Frames 100000-100002 after evicting older ones give the logits of frames 0-2 exactly: positions are re-based
     to the oldest cached frame, so RoPE angles stay small (without it, float32 angles near 1e5 rad drift ~4e-5)."""
     pos, unit, frame, start = layout()
-    x, prompt = torch.randn(1, len(unit), 8), torch.tensor([[1, 2]])
+    x, prompt = torch.randn(1, len(unit), C), torch.tensor([[1, 2]])
 
     def last_frame_logits(offset, junk):
         cache = KVCache(1)
         if junk:   # two older frames that the window must evict
-            shallow(torch.randn(1, 2 * 21, 8), pos[frame < 2] + torch.tensor([offset - 2.0, 0, 0]),
+            shallow(torch.randn(1, 2 * 21, C), pos[frame < 2] + torch.tensor([offset - 2.0, 0, 0]),
                     unit[frame < 2] + 1000, prompt, cache=cache, append=True)
         for f in (0, 1):
             sel = frame == f
@@ -186,7 +212,7 @@ def test_heldout_figures_tell_whether_the_model_uses_the_prompt(tok):
     """train.eval_ar's ce and ce_null are equal exactly when the model ignores the prompt."""
     clips = (torch.rand(2, 9, 64, 64) * 255).to(torch.uint8).numpy()
     labels = torch.tensor([[1, 2], [3, 4]])
-    m = randomised(Transformer(ModelConfig(dim=32, depth=2, heads=2, in_channels=8, vocab=32)))
+    m = randomised(Transformer(ModelConfig(dim=32, depth=2, heads=2, in_channels=16, vocab=32)))
     r = train.eval_ar(m, tok, clips, labels, "cpu")
     assert r["ce"] != r["ce_null"]
     with torch.no_grad():                     # every prompt now gives the null condition's embedding
