@@ -7,6 +7,7 @@ with eval.py. Finished rows are skipped when the command is run again (checkpoin
   python experiments.py stream --base runs/toy   # paper B Sec. 3.4: a long streamed video, per-unit cost and drift
   python experiments.py suite  --base runs/toy   # eval.py itself: real held-out clips vs constructed inputs
   python experiments.py scales --base runs/toy   # paper A: true codes of the first k scales, the rest sampled
+  python experiments.py codes  --base runs/toy   # paper A: does a frame's code map follow from the previous one?
 
 The base run is `python train.py --config toy` (or any config). Each command prints a markdown table and writes
 <base>/<command>.json.
@@ -214,6 +215,28 @@ def scales(args, base, cfg, tok, digits, nets):
     return rows, list(METRICS)
 
 
+def codes(args, base, cfg, tok, digits, nets):
+    """How predictable is the next latent frame's code map from the previous one? Per scale, on held-out clips:
+    the share of tokens holding the most common code, and the share a copy of the previous latent frame's codes
+    gets right -- at the same cell, and at the best spatial shift chosen per clip and frame (an oracle for
+    "the digits moved")."""
+    real, _ = train.heldout_clips(cfg, digits, args.num, seed=5)
+    with torch.no_grad(), amp(args):
+        maps = tok.quantize(tok.encode(data.to_model(real, args.device)))[0]
+    rows = {}
+    for s, c in zip(tok.scales, maps):                   # c [N, t, s, s]
+        prev, now = c[:, :-1], c[:, 1:]
+        best = torch.zeros(now.shape[:2], device=c.device)
+        for dy in range(-(s // 2), s // 2 + 1):
+            for dx in range(-(s // 2), s // 2 + 1):
+                hit = (torch.roll(prev, (dy, dx), (2, 3)) == now).float().mean((2, 3))
+                best = torch.maximum(best, hit)
+        rows[f"scale {s}x{s}"] = {"most common code": torch.unique(c, return_counts=True)[1].max().item() / c.numel(),
+                                  "copy, same cell": (prev == now).float().mean().item(),
+                                  "copy, best shift": best.mean().item()}
+    return rows, ["most common code", "copy, same cell", "copy, best shift"]
+
+
 def suite(args, base, cfg, tok, digits, nets):
     """eval.py's figures on real held-out clips (their digits as prompts) against constructed inputs: noise,
     blank frames, frames in a random order, and the base run's tokenizer reconstructions."""
@@ -233,7 +256,7 @@ def suite(args, base, cfg, tok, digits, nets):
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0], allow_abbrev=False,
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("what", choices=["units", "ar", "stream", "suite", "scales"], help="which table")
+    p.add_argument("what", choices=["units", "ar", "stream", "suite", "scales", "codes"], help="which table")
     p.add_argument("--base", default="runs/toy", help="the base run directory (python train.py --config toy)")
     p.add_argument("--num", type=int, default=64, help="prompted clips scored per row")
     p.add_argument("--long", type=int, default=1997, help="stream: video frames, 1 + ft*k; its latent frames must "
@@ -244,12 +267,12 @@ def main(argv=None):
     args = p.parse_args(argv)
     base = Path(args.base)
     tok, _ = train.load_tokenizer(base, args.device)
-    cfg = Config(**load_checkpoint(base / {"ar": "ar.pt", "scales": "ar.pt", "suite": "tokenizer.pt"}.get(args.what, "teacher.pt"))["config"])
+    cfg = Config(**load_checkpoint(base / {"ar": "ar.pt", "scales": "ar.pt", "suite": "tokenizer.pt", "codes": "tokenizer.pt"}.get(args.what, "teacher.pt"))["config"])
     digits = data.load_digits(cfg.data_dir or None, download=False)
     nets = E.load_nets(device=args.device, digits=digits)
     torch.manual_seed(args.seed)
     rows, cols = {"units": units, "ar": ar, "stream": stream, "suite": suite,
-            "scales": scales}[args.what](args, base, cfg, tok, digits, nets)
+            "scales": scales, "codes": codes}[args.what](args, base, cfg, tok, digits, nets)
     print(table({k: v for k, v in rows.items() if k != "cost"}, cols))
     (base / f"{args.what}.json").write_text(json.dumps(rows, indent=2))
     print(f"[experiments] -> {base / (args.what + '.json')}")
