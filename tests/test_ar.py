@@ -146,6 +146,9 @@ def test_random_frame_mask_hides_earlier_frames(model):
     y[:, frame == 0] += 3.0
     out = model(y, pos, unit, prompt, start=start, hide=hide)
     assert torch.allclose(out[:, frame == 2], ref[:, frame == 2], atol=1e-5)   # frame 0 invisible to frame 2
+    blank = train.hide_previous(x, prev)                      # the hidden previous frame is not fed as input either
+    assert torch.equal(blank[..., :C // 2], x[..., :C // 2]) and torch.equal(blank[:, frame == 0], x[:, frame == 0])
+    assert not blank[:, frame > 0, C // 2:].any()
 
 
 @pytest.fixture(scope="module")
