@@ -184,10 +184,12 @@ class MultiScaleVQ(nn.Module):
         self.register_buffer("usage", torch.zeros(len(self.scales), cfg.vocab))  # EMA of code use per scale
         self.register_buffer("initialised", torch.tensor(False))
 
+    @torch.no_grad()
     def lookup(self, r):
-        """r [N, c, s, s] -> nearest code indices [N, s, s]."""
-        flat = rearrange(r, "n c h w -> (n h w) c")
-        d = (flat.pow(2).sum(1, keepdim=True) - 2 * flat @ self.codebook.t() + self.codebook.pow(2).sum(1))
+        """r [N, c, s, s] -> nearest code indices [N, s, s]: argmin_j |r - e_j|^2 = argmin_j (|e_j|^2 - 2 r.e_j)
+        (|r|^2 is the same for every j, so it is left out; one fused matmul-add, no graph)."""
+        flat, e = rearrange(r, "n c h w -> (n h w) c"), self.codebook.detach()
+        d = torch.addmm(e.pow(2).sum(1), flat, e.t(), alpha=-2)
         return d.argmin(1).view(r.shape[0], r.shape[2], r.shape[3])
 
     def up(self, idx):

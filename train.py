@@ -6,6 +6,7 @@
 Stages write to --out (default runs/<config>): <stage>.pt (atomic checkpoint, config inside), log.jsonl and GIFs.
 Re-running a command resumes from its checkpoint exactly (same batches, same RNG), or skips a finished stage.
 """
+import copy
 import hashlib
 import json
 import math
@@ -106,6 +107,24 @@ def optimize(model, opt, loss, lr):
     opt.step()
 
 
+class EMA:
+    """Exponential moving average of a model's weights, w_avg <- d * w_avg + (1 - d) * w after every step (Polyak
+    averaging, as VAR's and most diffusion codebases ship): the average is what is evaluated, saved and used. The
+    decay ramps up as min(decay, (1 + step) / (10 + step)) so the first steps do not average in the random init.
+    decay 0 = off: `model` is the trained model itself."""
+
+    def __init__(self, model, decay):
+        self.decay = decay
+        self.model = copy.deepcopy(model).requires_grad_(False) if decay > 0 else model
+
+    @torch.no_grad()
+    def update(self, model, step):
+        if self.decay > 0:
+            d = min(self.decay, (1 + step) / (10 + step))
+            for a, w in zip(self.model.state_dict().values(), model.state_dict().values()):
+                a.lerp_(w, 1 - d) if a.is_floating_point() else a.copy_(w)   # buffers too (code usage, flags)
+
+
 def end_of_step(args, bar, step, total, every):
     """-> (save a checkpoint now?, stop after it?): every `every` steps, at the end, and at --stop-after."""
     stop = bool(args.stop_after) and step + 1 - bar.initial >= args.stop_after
@@ -133,7 +152,7 @@ def load_tokenizer(ckpt_dir, device="cpu"):
     state = load_checkpoint(Path(ckpt_dir) / "tokenizer.pt")
     cfg = Config(**state["config"])
     tok = build_tokenizer(cfg)
-    tok.load_state_dict(state["model"])
+    tok.load_state_dict(state.get("ema", state["model"]))   # the averaged weights (train.EMA), when saved
     return tok.to(device).eval(), cfg
 
 
@@ -171,9 +190,12 @@ def train_tokenizer(cfg, args, digits, out):
     path = out / "tokenizer.pt"
     tok = build_tokenizer(cfg).to(device)
     opt = torch.optim.AdamW(tok.parameters(), lr=cfg.tok_lr, betas=(0.9, 0.95), weight_decay=0.0)
-    step, _ = resume(path, cfg, TOKENIZER_KEYS, tok, opt, "tokenizer", cfg.tok_steps)
+    step, state = resume(path, cfg, TOKENIZER_KEYS, tok, opt, "tokenizer", cfg.tok_steps)
+    ema = EMA(tok, cfg.tok_ema)     # ema.model is what is evaluated, saved and handed to the later stages
+    if state is not None and "ema" in state:
+        ema.model.load_state_dict(state["ema"])
     if step >= cfg.tok_steps:
-        return tok.eval()
+        return ema.model.eval()
     heldout, _ = heldout_clips(cfg, digits, cfg.eval_clips)
     mm = cfg.mm_config(cfg.tok_frames)
     t_data = t_step = 0.0
@@ -192,23 +214,24 @@ def train_tokenizer(cfg, args, digits, out):
         optimize(tok, opt, loss, lr_at(step, cfg.tok_steps, cfg.tok_lr))
         if step % 25 == 0:   # keep every code alive (see MultiScaleVQ.restart_dead_codes)
             tok.vq.restart_dead_codes(z.detach().transpose(1, 2).flatten(0, 1))
+        ema.update(tok, step)
         t_data, t_step = t_data + t1 - t0, t_step + time.perf_counter() - t1
         bar.set_postfix(loss=f"{loss.item():.4f}")
         log(out, stage="tokenizer", step=step + 1, loss=loss.item())
         save, stop = end_of_step(args, bar, step, cfg.tok_steps, cfg.eval_every)
         if save:
-            m, cont, quant = eval_tokenizer(tok, heldout, device)
+            m, cont, quant = eval_tokenizer(ema.model, heldout, device)
             n = step + 1 - bar.initial
             log(out, stage="tokenizer", step=step + 1, eval=m, data_ms=1e3 * t_data / n, step_ms=1e3 * t_step / n)
             bar.write(f"[tokenizer] step {step + 1}: held-out PSNR {m['psnr_cont']:.2f} dB (continuous), "
                       f"{m['psnr_quant']:.2f} dB (quantized); code perplexity per scale "
                       f"{', '.join(f'{u:.0f}' for u in m['perplexity'])}; data {1e3 * t_data / n:.1f} ms vs "
                       f"step {1e3 * t_step / n:.0f} ms")
-            save_stage(path, cfg, tok, opt, step + 1, metrics=m)
+            save_stage(path, cfg, tok, opt, step + 1, metrics=m, ema=ema.model.state_dict())
             data.save_gif(out / "tokenizer.gif", np.concatenate([heldout[:6], cont[:6], quant[:6]], axis=2))
         if stop:
             stop_now(bar, "tokenizer", args)
-    return tok.eval()
+    return ema.model.eval()
 
 
 # ------------------------------------------------------------------------------------------- paper A: ar

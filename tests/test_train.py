@@ -5,6 +5,7 @@ import shutil
 
 import numpy as np
 import pytest
+import torch
 
 import sample
 import train
@@ -47,6 +48,26 @@ def test_resume_gives_the_same_losses_as_an_uninterrupted_run(run, tmp_path, sta
     a, b = (losses(d, stage) for d in (whole, parts))
     assert sorted(b) == list(range(1, 7))
     assert all(a[s] == pytest.approx(b[s], rel=1e-5) for s in range(3, 7)), (a, b)
+    if stage == "tokenizer":   # the weight average (what later stages use) resumes too
+        ea, eb = (torch.load(d / "tokenizer.pt", weights_only=False)["ema"] for d in (whole, parts))
+        assert all(torch.allclose(ea[k].float(), eb[k].float(), rtol=1e-5, atol=1e-7) for k in ea)
+
+
+def test_ema_is_the_moving_average_of_the_weights():
+    m = torch.nn.Linear(2, 2)
+    ema, w0 = train.EMA(m, 0.75), m.weight.detach().clone()
+    with torch.no_grad():
+        m.weight.add_(1.0)
+    ema.update(m, step=100)                  # decay min(0.75, 101 / 110) = 0.75
+    assert torch.allclose(ema.model.weight, w0 + 0.25) and torch.allclose(m.weight, w0 + 1)
+    assert train.EMA(m, 0).model is m        # off: the model itself
+
+
+def test_later_stages_get_the_tokenizers_averaged_weights(run):
+    state = torch.load(run / "tokenizer.pt", weights_only=False)
+    tok, _ = train.load_tokenizer(run)
+    assert all(torch.equal(v, state["ema"][k]) for k, v in tok.state_dict().items())
+    assert any(not torch.equal(state["ema"][k], v) for k, v in state["model"].items() if v.is_floating_point())
 
 
 def test_bad_flags_and_configs_leave_the_checkpoint_untouched(run, capsys):
