@@ -101,3 +101,21 @@ def test_coarse_loss_sees_only_what_its_scale_can_carry():
     shifted = z.clone()
     shifted[..., :cell, :cell] += 1.0
     assert not torch.allclose(tok.coarse_loss(x, shifted, k), base, atol=1e-4)
+
+
+def test_lookup_is_the_nearest_code():
+    tok = tiny()
+    r = torch.randn(3, 8, 4, 4)
+    brute = torch.cdist(r.permute(0, 2, 3, 1).reshape(-1, 8), tok.vq.codebook.detach()).argmin(1)
+    assert torch.equal(tok.vq.lookup(r).flatten(), brute)
+
+
+@pytest.mark.parametrize("preset", ["toy", "toy-d4", "tiny", "paper"])
+def test_every_preset_builds_a_consistent_tokenizer(preset):
+    from config import PRESETS, Config
+    cfg = Config(**PRESETS[preset])
+    tok = Tokenizer(cfg.tokenizer_config(), cfg.size)         # the scale schedule must end at the latent side
+    assert tok.scales[-1] == cfg.size // cfg.down and (cfg.frames - 1) % cfg.ft == 0
+    if preset in ("toy", "toy-d4"):
+        x = torch.zeros(1, 1, cfg.tok_frames, cfg.size, cfg.size)
+        assert tok.decode(tok.quantize(tok.encode(x))[2]).shape == x.shape
