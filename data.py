@@ -232,7 +232,7 @@ def _read_clip_file(path):
             raise ValueError("expected [T,H,W], [T,H,W,C], [N,T,H,W] or [N,T,H,W,C]")
         return x
     import imageio.v3 as iio
-    x = np.asarray(iio.imread(path, index=None))  # all frames: [T, H, W] or [T, H, W, C]
+    x = np.asarray(iio.imread(path, index=None, plugin="pillow" if path.suffix == ".gif" else None))  # [T,H,W(,C)]
     x = x[..., None] if x.ndim == 3 else x
     return x[None, ..., :3].astype(np.uint8)
 
