@@ -156,7 +156,7 @@ def ar_sequence(inputs, codes, f_hat):
     frame's f_hat at its scale (frame_context)], and the labels [B,L].
     """
     b, t = codes[0].shape[:2]
-    c = inputs[0].shape[2]
+    c = f_hat.shape[1]
     prev = torch.cat([torch.zeros_like(f_hat[:, :, :1]), f_hat[:, :, :-1]], 2)            # frame t sees t-1
     ctx = rearrange(frame_context(rearrange(prev, "b c t h w -> (b t) c h w"), [i.shape[-1] for i in codes]),
                     "(b t) l c -> b t l c", b=b)
@@ -164,7 +164,7 @@ def ar_sequence(inputs, codes, f_hat):
     for f in range(t):
         for k, idx in enumerate(codes):
             ys.append(idx[:, f].flatten(1))
-            xs.append(inputs[0].new_zeros(b, idx[0, 0].numel(), c) if k == 0
+            xs.append(f_hat.new_zeros(b, idx[0, 0].numel(), c) if k == 0
                       else rearrange(inputs[k - 1][:, f], "b c h w -> b (h w) c"))
     x = torch.cat(xs, 1)
     return torch.cat([x, rearrange(ctx, "b t l c -> b (t l) c").to(x.dtype)], -1), torch.cat(ys, 1)

@@ -58,7 +58,7 @@ def generate_ar(model, tok, prompts, frames, generator, cfg_scale=3.0, cfg_sched
     for f in tqdm(range(frames), desc="frames", disable=not progress):
         ctx = frame_context(f_hat, scales).split([s * s for s in scales], 1)    # what frame f knows of f-1
         f_hat = torch.zeros_like(f_hat)
-        x = f_hat.new_zeros(b, 1, tok.cfg.z_channels)
+        x = f_hat.new_zeros(b, scales[0] ** 2, tok.cfg.z_channels)             # scale 1 takes the start token
         for k, s in enumerate(scales):
             pos = grid_positions([f], s, side).to(device)
             unit = torch.full((s * s,), f * K + k, device=device)

@@ -13,12 +13,16 @@ SCALES, SIDE, FRAMES = (1, 2, 4), 4, 3
 C = 2 * 8      # paper A token features: [next-scale input || previous frame] (model.ar_sequence)
 
 
-@pytest.fixture(scope="module")
-def tok():
+def make_tok(scales=SCALES):
     torch.manual_seed(0)
-    t = Tokenizer(TokenizerConfig(down=16, width=16, z_channels=8, vocab=32, scales=SCALES[:1] + (2, 4)), 64)
+    t = Tokenizer(TokenizerConfig(down=16, width=16, z_channels=8, vocab=32, scales=scales), 64)
     t.train().quantize(t.encode(torch.rand(2, 1, 9, 64, 64) * 2 - 1))   # initialise the codebook from data
     return t.eval()
+
+
+@pytest.fixture(scope="module")
+def tok():
+    return make_tok()
 
 
 @pytest.fixture(scope="module")
@@ -26,9 +30,9 @@ def model():
     return randomised(Transformer(ModelConfig(dim=32, depth=2, heads=2, in_channels=16, vocab=32)))
 
 
-def layout():
-    pos, unit, frame = frame_scale_layout(FRAMES, SCALES, SIDE)
-    return pos, unit, frame, unit % len(SCALES) == 0
+def layout(scales=SCALES):
+    pos, unit, frame = frame_scale_layout(FRAMES, scales, SIDE)
+    return pos, unit, frame, unit % len(scales) == 0
 
 
 def test_mask_is_forward_over_frame_scale_units():
@@ -66,13 +70,16 @@ def test_time_shift_leaves_outputs_unchanged(model):
                               atol=1e-3)
 
 
-def test_sampling_loop_with_cache_equals_full_teacher_forced_forward(model, tok):
+@pytest.mark.parametrize("scales", [SCALES, (2, 4), (4,)])
+def test_sampling_loop_with_cache_equals_full_teacher_forced_forward(model, scales):
     """generate_ar, teacher-forced with given codes, must feed exactly what training feeds (one next-scale-input
-    function) and, through the KV cache, produce the logits of one masked forward over the whole sequence."""
+    function) and, through the KV cache, produce the logits of one masked forward over the whole sequence -- for
+    any scale schedule, including one that starts above 1x1 and a single scale."""
+    tok = make_tok(scales)
     z = tok.encode(torch.rand(2, 1, 9, 64, 64) * 2 - 1)
     codes, inputs, f_hat, _ = tok.quantize(z)
     x, y = ar_sequence(inputs, codes, f_hat)
-    pos, unit, _, start = layout()
+    pos, unit, _, start = layout(scales)
     prompt = torch.tensor([[1, 2], [3, 4]])
     full = model(x, pos, unit, prompt, start=start)
     seen = []
