@@ -49,7 +49,7 @@ class Config:
     depth: int = _f(4, "transformer blocks")
     heads: int = _f(4, "attention heads")
     # paper A: next-scale within a frame, next-frame across frames (train.py --stage ar)
-    ar_steps: int = _f(600, "paper A training steps")
+    ar_steps: int = _f(500, "paper A training steps")
     ar_batch: int = _f(16, "paper A batch size (clips)")
     ar_lr: float = _f(2e-3, "paper A learning rate")
     ec_strength: float = _f(0.3, "Cross-Frame Error Correction: max share of codes corrupted (last frame); 0 = off")

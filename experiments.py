@@ -159,7 +159,7 @@ def ar(args, base, cfg, tok, digits, nets):
         out[name] = r
         print(f"[ar] {name}: {r}", flush=True)
     cols = [f"{m}{tag}" for tag in ("", " 2x", " 4x") for m in ("semantic", "consistency", "fvd_mm")]
-    return out, ["ce", "ce_null", "acc_last_frame0", "acc_last_later", "acc_last_later_nopast", *cols, "cont. mse", "cont. ssim",
+    return out, ["ce", "ce_null", "ce_wrong", "acc_last_frame0", "acc_last_later", "acc_last_later_nopast", *cols, "cont. mse", "cont. ssim",
                  "cont. semantic"]
 
 

@@ -283,9 +283,12 @@ def load_ar(ckpt_dir, device="cpu", tok=None):
 @torch.no_grad()
 def eval_ar(model, tok, clips, labels, device):
     """Teacher-forced held-out figures of a paper A model on uint8 clips [N,T,H,W] with their digits [N,n]:
-    cross-entropy over all codes with the prompt (ce) and with the null condition (ce_null: if the two are equal the
-    model ignores the prompt), and the share of the last scale's codes it gets right (acc_last: the scale that
-    draws the digits), for the first latent frame and for the later ones (which can look at earlier frames)."""
+    cross-entropy over all codes with the clip's prompt (ce), with the null condition (ce_null) and with another
+    clip's prompt (ce_wrong: clips rolled by one; if it equals ce, the model ignores the prompt), and the share of
+    the last scale's codes it gets right (acc_last: the scale that draws the digits), for the first latent frame and
+    for the later ones (which can look at earlier frames). A prompt of 2 digits carries at most ln 55 = 4.0 nats, so
+    a model that reads it perfectly can gain at most 4.0 / L nats per token over the best prompt-free model (L
+    tokens per clip: 0.012 at the toy size); ce_wrong - ce may exceed that, as a wrong prompt misleads."""
     was_training = model.training
     model.eval()
     frames = 1 + (clips.shape[1] - 1) // tok.cfg.ft
@@ -298,8 +301,10 @@ def eval_ar(model, tok, clips, labels, device):
     blind = hide_previous(x, (frame > 0).expand(len(x), -1))           # ... and not fed as context either
     last = unit % K == K - 1
     out = {}
-    for name, drop, hide in (("", False, None), ("_null", True, None), ("_nopast", False, past)):
-        logits = model(x if hide is None else blind, pos, unit, prompts, mask="forward",
+    wrong = prompts.roll(1, 0)
+    for name, drop, hide in (("", False, None), ("_null", True, None), ("_wrong", False, None),
+                             ("_nopast", False, past)):
+        logits = model(x if hide is None else blind, pos, unit, wrong if name == "_wrong" else prompts, mask="forward",
                        drop=torch.full((len(x),), drop, device=device),
                        start=unit % K == 0, hide=hide)
         if name != "_nopast":
@@ -307,7 +312,7 @@ def eval_ar(model, tok, clips, labels, device):
         hit = (logits.argmax(-1) == y).float()
         if name == "":
             out["acc_last_frame0"] = hit[:, last & (frame == 0)].mean().item()
-        if name != "_null" and frames > 1:
+        if name in ("", "_nopast") and frames > 1:
             out["acc_last_later" + name] = hit[:, last & (frame > 0)].mean().item()
     model.train(was_training)
     return out

@@ -219,16 +219,17 @@ def test_sampling_is_deterministic_given_a_seed(model, tok):
 
 
 def test_heldout_figures_tell_whether_the_model_uses_the_prompt(tok):
-    """train.eval_ar's ce and ce_null are equal exactly when the model ignores the prompt."""
+    """train.eval_ar's ce, ce_null and ce_wrong (another clip's prompt) are equal exactly when the model ignores
+    the prompt."""
     clips = (torch.rand(2, 9, 64, 64) * 255).to(torch.uint8).numpy()
     labels = torch.tensor([[1, 2], [3, 4]])
     m = randomised(Transformer(ModelConfig(dim=32, depth=2, heads=2, in_channels=16, vocab=32)))
     r = train.eval_ar(m, tok, clips, labels, "cpu")
-    assert r["ce"] != r["ce_null"]
+    assert r["ce"] != r["ce_null"] and r["ce"] != r["ce_wrong"]
     with torch.no_grad():                     # every prompt now gives the null condition's embedding
         m.digit.weight.zero_()
         m.null.zero_()
         blind = train.eval_ar(m, tok, clips, labels, "cpu")
-    assert blind["ce"] == blind["ce_null"]
-    assert set(r) == {"ce", "ce_null", "acc_last_frame0", "acc_last_later", "acc_last_later_nopast"}
+    assert blind["ce"] == blind["ce_null"] == blind["ce_wrong"]
+    assert set(r) == {"ce", "ce_null", "ce_wrong", "acc_last_frame0", "acc_last_later", "acc_last_later_nopast"}
     assert all(0 <= r[k] <= 1 for k in r if k.startswith("acc"))
