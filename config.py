@@ -35,7 +35,7 @@ class Config:
     z_channels: int = _f(16, "latent channels")
     vocab: int = _f(1024, "codebook size")
     scales: str = _f("", "comma-separated scale sides, e.g. 1,2,4,8 (default: powers of 2 up to the latent side)")
-    tok_steps: int = _f(3000, "tokenizer training steps")
+    tok_steps: int = _f(2500, "tokenizer training steps")
     tok_batch: int = _f(4, "tokenizer batch size (clips); small batches, many steps: best PSNR per CPU minute")
     tok_frames: int = _f(5, "frames per tokenizer training clip (1 + ft*k); the AE is causal conv, any length works")
     tok_lr: float = _f(6e-3, "tokenizer learning rate")
