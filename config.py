@@ -63,6 +63,13 @@ class Config:
     causal_steps: int = _f(500, "causal student training steps")
     fm_batch: int = _f(8, "paper B batch size (clips)")
     fm_lr: float = _f(1e-3, "paper B learning rate")
+    fm_norm: str = _f("channel", "latent normalisation of the flow models: channel (mean and std per latent channel) "
+                                 "or global (one std, no shift); tokenizer.LatentStats")
+    fm_time: str = _f("logitnormal", "flow times in training: uniform, or logitnormal (sigmoid of a standard normal, "
+                                     "SD3's choice: most samples at mid noise, where the digits are decided)")
+    image_frac: float = _f(0.0, "paper A multi-stage training, for the ar model and the teacher: share of the steps "
+                                "trained on single images (one latent frame, batch x latent frames, so the same "
+                                "tokens per step) before clips; 0 = clips only")
     eval_every: int = _f(500, "steps between held-out evaluations (and checkpoints)")
     eval_clips: int = _f(32, "held-out clips for evaluation")
 

@@ -486,6 +486,31 @@ def real_clips(n, frames, size, num_digits, digits):
 
 
 @torch.no_grad()
+def digit_scores(present, prompts=None):
+    """present bool [N,T,10] (the digits DigitNet detects in each frame) -> consistency, and semantic if prompts
+    (N lists of digits) are given; see the module docstring for both definitions."""
+    majority = present.float().mean(1) > 0.5                                 # [N,10] each clip's digit set
+    agree = (present == majority[:, None]).all(2) & majority[:, None].any(2)  # [N,T]
+    out = {"consistency": agree.float().mean().item()}
+    if prompts is not None:
+        if len(prompts) != len(present):
+            raise ValueError(f"{len(prompts)} prompts for {len(present)} clips")
+        wanted = torch.zeros(len(present), 10, dtype=torch.bool)
+        for i, p in enumerate(prompts):
+            wanted[i, list(p)] = True
+        out["semantic"] = (present == wanted[:, None]).all(2).float().mean().item()
+    return out
+
+
+@torch.no_grad()
+def quick_scores(videos, prompts, digit_net, device="cpu"):
+    """Semantic and consistency alone (DigitNet only, no reference clips): cheap enough to run at every checkpoint
+    of a training run, for learning curves (train.py --curve). uint8 clips [N,T,H,W(,C)], N prompts."""
+    x = to_unit(videos)
+    present = batched(lambda f: detect(digit_net, f), rearrange(x, "n t h w -> (n t) 1 h w"), device)[0]
+    return digit_scores(rearrange(present, "(n t) d -> n t d", n=len(x)), prompts)
+
+
 def evaluate(videos, prompts=None, target=None, samples=None, nets=None, num_real=256, device="cpu",
              i3d=None, digits=None):
     """All metrics for uint8 clips [N,T,H,W(,C)] -> dict (see the module docstring for each name).
@@ -506,19 +531,10 @@ def evaluate(videos, prompts=None, target=None, samples=None, nets=None, num_rea
     real_frame_feats = batched(lambda f: detect(digit_net, f), rearrange(xr, "n t h w -> (n t) 1 h w"), device)[1]
     clip_feats, real_clip_feats = (batched(lambda c: clip_net(frame_maps(digit_net, c)), v, device, size=16)[0]
                                    for v in (x, xr))                          # [N,W], [R,W]
-    majority = present.float().mean(1) > 0.5                                 # [N,10] each clip's digit set
-    agree = (present == majority[:, None]).all(2) & majority[:, None].any(2)  # [N,T]
-    out = {"clips": n, "frames": t, "real_clips": num_real, "consistency": agree.float().mean().item(),
+    out = {"clips": n, "frames": t, "real_clips": num_real, **digit_scores(present, prompts),
            "fid_mm": frechet_distance(frame_feats, real_frame_feats),
            "fvd_mm": frechet_distance(clip_feats, real_clip_feats),
            "motion": motion_score(x, xr) if t >= 3 else None}
-    if prompts is not None:
-        if len(prompts) != n:
-            raise ValueError(f"{len(prompts)} prompts for {n} clips")
-        wanted = torch.zeros(n, 10, dtype=torch.bool)
-        for i, p in enumerate(prompts):
-            wanted[i, list(p)] = True
-        out["semantic"] = (present == wanted[:, None]).all(2).float().mean().item()
     if target is not None:
         out.update(prediction_metrics(videos, target, samples))
     if i3d is not None:

@@ -88,12 +88,12 @@ def units(args, base, cfg, tok, digits, nets):
         if t % max(1, t // a) == 0 and cube not in [r.get("cube") for r in rows.values()]:   # e.g. t = 3 has no t/2
             rows[f"cube {name} ({cube.replace(',', 'x')})"] = dict(unit="cube", cube=cube)
     prompts = prompts_for(args.num, cfg.num_digits, args.seed)
-    teacher, _, z_scale = train.load_flow(base, "teacher", args.device, tok)
+    teacher, _, stats = train.load_flow(base, "teacher", args.device, tok)
     gen = torch.Generator(args.device).manual_seed(args.seed)
     t0 = time.perf_counter()
     with amp(args):
         z = generate_teacher(teacher, prompts.to(args.device), t, side, cfg.z_channels, gen, 25, 3.0, progress=False)
-        video = decode(tok, z / z_scale)
+        video = decode(tok, stats.denormalize(z))
     out = {"teacher (full attention, 25 steps)": {**score(video, prompts, nets, digits),
                                                   "frames/s": video.size / video[0, 0].size / (time.perf_counter() - t0)}}
     for name, over in rows.items():
@@ -104,14 +104,14 @@ def units(args, base, cfg, tok, digits, nets):
         t1 = time.perf_counter()
         train.train_flow(c, train_args(args), digits, d, tok, "causal")
         train_s = time.perf_counter() - t1
-        model, c, z_scale = train.load_flow(d, "causal", args.device, tok)
+        model, c, stats = train.load_flow(d, "causal", args.device, tok)
         n_units = len(stream_layout(c.unit, t, t, side, **c.unit_kwargs()))
         gen = torch.Generator(args.device).manual_seed(args.seed)
         t1 = time.perf_counter()
         with amp(args):
             z = generate_student(model, prompts.to(args.device), t, t, side, c.z_channels, gen, c.unit,
                                  c.unit_kwargs(), 4, 3.0, context_len=n_units - 1, progress=False)
-            video = decode(tok, z / z_scale)
+            video = decode(tok, stats.denormalize(z))
         out[f"{name}: {n_units} units"] = {**score(video, prompts, nets, digits), "train s": round(train_s),
                                            "frames/s": video.size / video[0, 0].size / (time.perf_counter() - t1)}
         print(f"[units] {name}: {out[f'{name}: {n_units} units']}", flush=True)
@@ -168,7 +168,7 @@ def stream(args, base, cfg, tok, digits, nets):
     """The trained student streams args.long frames for args.num clips with the rolling cache (units of one
     trained clip minus one). Reports ms per unit and KV-cache size near unit 10 and at the end, and the scores
     of windows of the trained length along the video (does quality drift?)."""
-    model, c, z_scale = train.load_flow(base, "causal", args.device, tok)
+    model, c, stats = train.load_flow(base, "causal", args.device, tok)
     chunk, side = 1 + (c.frames - 1) // c.ft, tok.latent_side
     latent = 1 + (args.long - 1) // c.ft
     n_units = len(stream_layout(c.unit, chunk, chunk, side, **c.unit_kwargs()))
@@ -183,7 +183,7 @@ def stream(args, base, cfg, tok, digits, nets):
     with amp(args):
         z = generate_student(model, prompts.to(args.device), latent, chunk, side, c.z_channels, gen, c.unit,
                              c.unit_kwargs(), 4, 3.0, context_len=n_units - 1, on_unit=on_unit)
-        video = decode(tok, z / z_scale)
+        video = decode(tok, stats.denormalize(z))
     per_unit = np.diff([s[0] for s in stamps]) * 1e3
     out = {"cost": {"units": len(stamps), "ms/unit at units 6-15": float(per_unit[5:15].mean()),
                     "ms/unit at the last 10": float(per_unit[-10:].mean()),

@@ -292,7 +292,7 @@ def run_flow(p, args):
     """--method teacher | student -> (uint8 [N,T,H,W], prompts or None)."""
     tok, _ = load_tokenizer(args.ckpt, args.device)
     stage = "teacher" if args.method == "teacher" else "causal"
-    model, cfg, z_scale = load_flow(args.ckpt, stage, args.device, tok)
+    model, cfg, stats = load_flow(args.ckpt, stage, args.device, tok)
     gen = torch.Generator(args.device).manual_seed(args.seed)
     frames, clip, z_ctx = frames_and_context(p, args, cfg, tok)
     latent, side, c = 1 + (frames - 1) // cfg.ft, tok.latent_side, cfg.z_channels
@@ -308,10 +308,10 @@ def run_flow(p, args):
         context_len = n_units - 1 if args.context_len < 0 else args.context_len
         try:
             z = generate_student(model, prompts, latent, chunk, side, c, gen, cfg.unit, cfg.unit_kwargs(),
-                                 args.steps or 4, args.cfg, None if z_ctx is None else z_ctx * z_scale, context_len)
+                                 args.steps or 4, args.cfg, None if z_ctx is None else stats.normalize(z_ctx), context_len)
         except ValueError as e:
             p.error(str(e))
-    return finish(data.from_model(tok.decode(z / z_scale), squeeze=False), clip, prompts)
+    return finish(data.from_model(tok.decode(stats.denormalize(z)), squeeze=False), clip, prompts)
 
 
 def run_ar(p, args):

@@ -312,3 +312,38 @@ class Tokenizer(nn.Module):
         z = self.encode(x)
         _, _, f_hat, vq_loss = self.quantize(z)
         return self.decode(z), self.decode(f_hat), vq_loss, z
+
+
+class LatentStats:
+    """The affine normalisation x = (z - mean) / std that paper B's flow models work on (z [B,c,t,h,w]).
+
+    per_channel (the default, `--fm-norm channel`): a mean and std per latent channel, measured on training clips.
+    The AE's channels carry offsets (means down to -1.9 in units of the global std) and spreads from 0.4 to 1.1, so
+    one global std (`--fm-norm global`, mean 0) leaves the flow's data far from the unit-variance noise it starts
+    from, channel by channel. Stored in the flow checkpoints (state / from_state)."""
+
+    def __init__(self, mean, std):
+        self.mean, self.std = torch.as_tensor(mean).float(), torch.as_tensor(std).float()   # [c] each
+
+    @classmethod
+    def measure(cls, z, per_channel=True):
+        """z [B,c,t,h,w] of training clips -> the stats that make it zero-mean, unit-variance."""
+        if per_channel:
+            return cls(z.mean((0, 2, 3, 4)), z.std((0, 2, 3, 4)))
+        return cls(torch.zeros(z.shape[1]), z.std().expand(z.shape[1]))
+
+    def _shape(self, v, like):
+        return v.to(like.device, like.dtype).view(1, -1, 1, 1, 1)
+
+    def normalize(self, z):
+        return (z - self._shape(self.mean, z)) / self._shape(self.std, z)
+
+    def denormalize(self, x):
+        return x * self._shape(self.std, x) + self._shape(self.mean, x)
+
+    def state(self):
+        return {"mean": self.mean.tolist(), "std": self.std.tolist()}
+
+    @classmethod
+    def from_state(cls, s):
+        return cls(s["mean"], s["std"])

@@ -23,7 +23,7 @@ from tqdm import tqdm
 import data
 from config import Config, autocast, config_from_args, load_checkpoint, parser, save_checkpoint, seed_everything
 from model import Transformer, ar_sequence, frame_scale_layout, partition, unit_layout
-from tokenizer import Tokenizer
+from tokenizer import LatentStats, Tokenizer
 
 STAGES = ["tokenizer", "ar", "teacher", "causal"]
 TOKENIZER_KEYS = ["size", "ft", "down", "patch", "width", "z_channels", "vocab", "scales"]
@@ -134,6 +134,68 @@ def end_of_step(args, bar, step, total, every):
 def save_stage(path, cfg, model, opt, step, **extra):
     save_checkpoint(path, config=asdict(cfg), model=model.state_dict(), opt=opt.state_dict(),
                     rng=torch.get_rng_state(), step=step, **extra)
+
+
+class Curve:
+    """Learning curve of a generator stage (--curve N): at every checkpoint, N prompted samples of the model at the
+    length it trains on (single images in paper A's image stage, then clips) are scored by eval.py's DigitNet
+    (semantic, consistency), against the seconds spent training so far (scoring excluded; resumes carry them on).
+    Rows go to log.jsonl; `write` puts the stage's rows into curve_<stage>.md and curve_<stage>.png."""
+
+    def __init__(self, out, stage, args, state, cfg, digits):
+        self.out, self.stage, self.n, self.cfg, self.device = out, stage, args.curve, cfg, args.device
+        self.before = state.get("train_s", 0.0) if state else 0.0
+        self.t0, self.paused = time.perf_counter(), 0.0
+        self.digit_net = None
+        if self.n:
+            import eval as E
+            self.digit_net = E.load_nets(device=args.device, digits=digits)[0]
+
+    def train_s(self):
+        return self.before + time.perf_counter() - self.t0 - self.paused
+
+    @torch.no_grad()
+    def point(self, bar, step, frames, sample):
+        """sample(prompts [N,n], generator, frames) -> uint8 clips [N,T,H,W] of `frames` video frames."""
+        if not self.n:
+            return
+        import eval as E
+        t = time.perf_counter()
+        gen = torch.Generator(self.device).manual_seed(4321)   # the same prompts and noise at every point
+        prompts = torch.randint(0, 10, (self.n, self.cfg.num_digits), generator=gen, device=self.device)
+        r = E.quick_scores(sample(prompts, gen, frames), prompts.tolist(), self.digit_net, self.device)
+        row = dict(step=step, train_s=round(self.train_s(), 1), frames=frames, **r)
+        log(self.out, stage=self.stage, curve=row)
+        bar.write(f"[{self.stage}] step {step}, {row['train_s'] / 60:.1f} min: {frames}-frame samples score semantic "
+                  f"{r['semantic']:.3f}, consistency {r['consistency']:.3f}")
+        self.paused += time.perf_counter() - t
+
+    def write(self):
+        if self.n:
+            write_curve(self.out, self.stage)
+
+
+def write_curve(out, stage):
+    """The --curve rows of `stage` in out/log.jsonl -> out/curve_<stage>.md (table) and .png (plot)."""
+    rows = [json.loads(line) for line in open(Path(out) / "log.jsonl")]
+    rows = [r["curve"] for r in rows if r.get("stage") == stage and "curve" in r]
+    if not rows:
+        return
+    lines = [f"| step | train min | frames | semantic | consistency |", "|---|---|---|---|---|"]
+    lines += [f"| {r['step']} | {r['train_s'] / 60:.1f} | {r['frames']} | {r['semantic']:.3f} | {r['consistency']:.3f} |"
+              for r in rows]
+    (Path(out) / f"curve_{stage}.md").write_text("\n".join(lines) + "\n")
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    fig, ax = plt.subplots(figsize=(5, 3.2), dpi=100)
+    for key in ("semantic", "consistency"):
+        ax.plot([r["train_s"] / 60 for r in rows], [r[key] for r in rows], marker="o", label=key)
+    ax.set(xlabel="training minutes", ylabel="score (eval.py DigitNet)", ylim=(0, 1), title=f"{stage}: {Path(out).name}")
+    ax.legend(), ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(Path(out) / f"curve_{stage}.png")
+    plt.close(fig)
 
 
 def stop_now(bar, name, args):
@@ -319,34 +381,42 @@ def eval_ar(model, tok, clips, labels, device):
 
 
 def train_ar(cfg, args, digits, out, tok):
-    """Paper A: cross-entropy over the codes of every (frame, scale) unit, forward mask over units."""
+    """Paper A: cross-entropy over the codes of every (frame, scale) unit, forward mask over units; with
+    --image-frac > 0, paper A's multi-stage recipe: single images first, then clips, one set of weights (the
+    physical RoPE positions make the same weights fit both lengths)."""
     device = args.device
     path = out / "ar.pt"
     model = build_ar(cfg, cfg.vocab).to(device)
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.ar_lr, betas=(0.9, 0.95), weight_decay=0.05)
-    step, _ = resume(path, cfg, MODEL_KEYS + ["frames"], model, opt, "ar", cfg.ar_steps, tok)
+    step, state = resume(path, cfg, MODEL_KEYS + ["frames"], model, opt, "ar", cfg.ar_steps, tok)
     if step >= cfg.ar_steps:
         return model.eval()
     tok = tok.to(device).eval().requires_grad_(False)
     tok_id = tokenizer_id(tok)
     frames = 1 + (cfg.frames - 1) // cfg.ft
-    pos, unit, frame = (a.to(device) for a in frame_scale_layout(frames, tok.scales, tok.latent_side))
-    start = unit % len(tok.scales) == 0      # scale 1 of each frame takes the start token
-    mm = cfg.mm_config()
+    n_image = image_steps(cfg, cfg.ar_steps)
+    layouts = {n: tuple(a.to(device) for a in frame_scale_layout(n, tok.scales, tok.latent_side))
+               for n in ({1, frames} if n_image else {frames})}     # n latent frames -> pos, unit, frame
     held, held_labels = heldout_clips(cfg, digits, cfg.eval_clips)
+    curve = Curve(out, "ar", args, state, cfg, digits)
     fwd = compiled(model, args)
     bar = tqdm(range(step, cfg.ar_steps), desc="ar", initial=step, total=cfg.ar_steps, dynamic_ncols=True)
     for step in bar:
-        video, labels = data.moving_mnist(cfg.ar_batch, digits, "train", mm, seed=batch_seed(args.seed, "ar", step))
+        image = step < n_image   # paper A stage 1: one latent frame per sample, `frames` x the batch
+        n_latent, batch = (1, cfg.ar_batch * frames) if image else (frames, cfg.ar_batch)
+        pos, unit, frame = layouts[n_latent]
+        start = unit % len(tok.scales) == 0      # scale 1 of each frame takes the start token
+        video, labels = data.moving_mnist(batch, digits, "train", cfg.mm_config(1 if image else None),
+                                          seed=batch_seed(args.seed, "ar", step))
         gen = torch.Generator(device).manual_seed(batch_seed(args.seed, "ar", step))
-        corrupt = error_correction(cfg.ec_strength, frames, cfg.vocab, gen) if cfg.ec_strength > 0 else None
+        corrupt = error_correction(cfg.ec_strength, n_latent, cfg.vocab, gen) if cfg.ec_strength > 0 else None
         with autocast(device, args.precision):
             with torch.no_grad():
                 codes, inputs, f_hat, _ = tok.quantize(tok.encode(data.to_model(video, device)), corrupt=corrupt)
             x, y = ar_sequence(inputs, codes, f_hat)   # f_hat: the corrupted sum, the later frames' context
             drop = torch.rand(len(x), generator=gen, device=device) < cfg.cond_drop
             hide = None
-            if cfg.frame_mask > 0:
+            if cfg.frame_mask > 0 and n_latent > 1:
                 hide, prev = random_frame_mask(cfg.frame_mask, frame, len(x), gen)
                 x = hide_previous(x, prev)
             logits = fwd(x, pos, unit, torch.from_numpy(labels).to(device), mask="forward", drop=drop, start=start,
@@ -362,9 +432,12 @@ def train_ar(cfg, args, digits, out, tok):
             bar.write(f"[ar] step {step + 1}: held-out " + ", ".join(f"{k} {v:.3f}" for k, v in held_out.items()))
             log(out, stage="ar", step=step + 1, train_acc=(logits.argmax(-1) == y).float().mean().item(),
                 **{"heldout_" + k: v for k, v in held_out.items()})
-            save_stage(path, cfg, model, opt, step + 1, tokenizer_id=tok_id)
+            save_stage(path, cfg, model, opt, step + 1, tokenizer_id=tok_id, train_s=curve.train_s())
+            curve.point(bar, step + 1, 1 + (n_latent - 1) * cfg.ft,
+                        lambda prompts, gen, f: sample_stage("ar", model, cfg, tok, None, prompts, gen, f, args))
         if stop:
             stop_now(bar, "ar", args)
+    curve.write()
     return model.eval()
 
 
@@ -376,22 +449,39 @@ def flow_pair(x0, t, generator):
     return (1 - t[..., None]) * x0 + t[..., None] * eps, eps - x0
 
 
-def latent_scale(tok, cfg, digits, device, n=64):
-    """1 / std of z over training clips: the flow models work on z * scale, which has unit variance."""
+def flow_times(shape, kind, generator, device):
+    """Training flow times [*shape] in (0, 1): uniform, or logit-normal (sigmoid of N(0, 1); SD3, Esser et al. 2024),
+    which spends most samples at mid noise levels, where a sample's content (which digit, where) is decided."""
+    if kind == "uniform":
+        return torch.rand(shape, generator=generator, device=device)
+    if kind == "logitnormal":
+        return torch.sigmoid(torch.randn(shape, generator=generator, device=device))
+    raise ValueError(f"--fm-time must be uniform or logitnormal, got {kind!r}")
+
+
+def measure_latent(tok, cfg, digits, device, n=64):
+    """LatentStats of z over n training clips (tokenizer.LatentStats; --fm-norm)."""
+    if cfg.fm_norm not in ("channel", "global"):
+        raise ValueError(f"--fm-norm must be channel or global, got {cfg.fm_norm!r}")
     video, _ = data.moving_mnist(n, digits, "train", cfg.mm_config(), seed=10 ** 6)
     with torch.no_grad():
-        return float(1 / tok.encode(data.to_model(video, device)).std())
+        return LatentStats.measure(tok.encode(data.to_model(video, device)).float(), cfg.fm_norm == "channel")
 
 
 def load_flow(ckpt_dir, stage, device="cpu", tok=None):
-    """The teacher or the causal student of a run, with its config and latent scale (given `tok`, refused if
+    """The teacher or the causal student of a run, with its config and LatentStats (given `tok`, refused if
     trained on another tokenizer)."""
     state = load_checkpoint(Path(ckpt_dir) / f"{stage}.pt")
     check_tokenizer(state, tok, Path(ckpt_dir) / f"{stage}.pt")
     cfg = Config(**state["config"])
     model = Transformer(cfg.model_config())
     model.load_state_dict(state["model"])
-    return model.to(device).eval(), cfg, state["z_scale"]
+    return model.to(device).eval(), cfg, LatentStats.from_state(state["z_stats"])
+
+
+def image_steps(cfg, steps):
+    """Paper A's multi-stage training: the first steps of a stage train on single images (--image-frac)."""
+    return int(round(cfg.image_frac * steps))
 
 
 def train_flow(cfg, args, digits, out, tok, stage):
@@ -404,6 +494,7 @@ def train_flow(cfg, args, digits, out, tok, stage):
     *clean* earlier units, so this trains exactly the situation met at inference, for all units in one pass.
     Diffusion forcing (noisy contexts) would be cheaper but trains on contexts that a clean cache never shows.
     Data: real clips (paper B's stage 1 samples the base model; on Moving MNIST real clips are plentiful).
+    The teacher follows paper A's multi-stage recipe when --image-frac > 0: single images first, then clips.
     """
     device, path = args.device, out / f"{stage}.pt"
     steps = cfg.fm_steps if stage == "teacher" else cfg.causal_steps
@@ -414,42 +505,53 @@ def train_flow(cfg, args, digits, out, tok, stage):
     if step >= steps:
         return model.eval()
     if state is not None:
-        z_scale = state["z_scale"]
+        stats = LatentStats.from_state(state["z_stats"])
     elif stage == "causal":
         teacher = load_checkpoint(out / "teacher.pt", cfg, MODEL_KEYS)
         check_tokenizer(teacher, tok, out / "teacher.pt")
         model.load_state_dict(teacher["model"])
-        z_scale = teacher["z_scale"]
+        stats = LatentStats.from_state(teacher["z_stats"])
     else:
-        z_scale = latent_scale(tok, cfg, digits, device)
+        stats = measure_latent(tok, cfg, digits, device)
     tok = tok.to(device).eval().requires_grad_(False)
     tok_id = tokenizer_id(tok)
     frames, side = 1 + (cfg.frames - 1) // cfg.ft, tok.latent_side
-    order, pos, unit = unit_layout("frame" if stage == "teacher" else cfg.unit, frames, side, **cfg.unit_kwargs())
-    pos, unit = pos.to(device), unit.to(device)
-    n_units = int(unit.max()) + 1
-    if stage == "causal":   # every unit twice: clean copies, then noisy copies (see docstring)
-        noisy = torch.cat([torch.zeros_like(unit, dtype=torch.bool), torch.ones_like(unit, dtype=torch.bool)])
-        pos, unit = torch.cat([pos, pos]), torch.cat([unit, unit])
-    mm = cfg.mm_config()
+    kind = "frame" if stage == "teacher" else cfg.unit
+    n_image = image_steps(cfg, steps) if stage == "teacher" else 0
+
+    def layout(n_latent):   # -> order, pos [L,3], unit [L], noisy [L] or None, number of units
+        order, pos, unit = unit_layout(kind, n_latent, side, **cfg.unit_kwargs())
+        pos, unit, noisy = pos.to(device), unit.to(device), None
+        n_units = int(unit.max()) + 1
+        if stage == "causal":   # every unit twice: clean copies, then noisy copies (see docstring)
+            noisy = torch.cat([torch.zeros_like(unit, dtype=torch.bool), torch.ones_like(unit, dtype=torch.bool)])
+            pos, unit = torch.cat([pos, pos]), torch.cat([unit, unit])
+        return order, pos, unit, noisy, n_units
+
+    layouts = {1: layout(1), frames: layout(frames)} if n_image else {frames: layout(frames)}
+    curve = Curve(out, stage, args, state, cfg, digits)
     fwd = compiled(model, args)
     bar = tqdm(range(step, steps), desc=stage, initial=step, total=steps, dynamic_ncols=True)
     for step in bar:
-        video, labels = data.moving_mnist(cfg.fm_batch, digits, "train", mm, seed=batch_seed(args.seed, stage, step))
+        image = step < n_image   # paper A stage 1: one latent frame per sample, `frames` x the batch
+        n_latent, batch = (1, cfg.fm_batch * frames) if image else (frames, cfg.fm_batch)
+        order, pos, unit, noisy, n_units = layouts[n_latent]
+        video, labels = data.moving_mnist(batch, digits, "train", cfg.mm_config(1 if image else None),
+                                          seed=batch_seed(args.seed, stage, step))
         gen = torch.Generator(device).manual_seed(batch_seed(args.seed, stage, step))
         with autocast(device, args.precision):
             with torch.no_grad():
-                z = tok.encode(data.to_model(video, device)).float()
-                x0 = partition(z * z_scale, order, cfg.unit_kwargs()["scales"])
+                z = stats.normalize(tok.encode(data.to_model(video, device)).float())
+                x0 = partition(z, order, cfg.unit_kwargs()["scales"])
             b = len(x0)
             drop = torch.rand(b, generator=gen, device=device) < cfg.cond_drop
             prompt = torch.from_numpy(labels).to(device)
             if stage == "teacher":
-                tt = torch.rand(b, 1, generator=gen, device=device).expand(-1, x0.shape[1])
+                tt = flow_times((b, 1), cfg.fm_time, gen, device).expand(-1, x0.shape[1])
                 xt, v = flow_pair(x0, tt, gen)
                 pred = fwd(xt, pos, unit, prompt, mask="full", t=tt, drop=drop)
             else:
-                tt = torch.rand(b, n_units, generator=gen, device=device)[:, unit[len(unit) // 2:]]  # a level per unit
+                tt = flow_times((b, n_units), cfg.fm_time, gen, device)[:, unit[len(unit) // 2:]]  # a level per unit
                 xt, v = flow_pair(x0, tt, gen)
                 pred = fwd(torch.cat([x0, xt], 1), pos, unit, prompt, mask="forward", noisy=noisy,
                            t=torch.cat([torch.zeros_like(tt), tt], 1), drop=drop)[:, x0.shape[1]:]
@@ -459,9 +561,13 @@ def train_flow(cfg, args, digits, out, tok, stage):
         log(out, stage=stage, step=step + 1, loss=loss.item())
         save, stop = end_of_step(args, bar, step, steps, cfg.eval_every)
         if save:
-            save_stage(path, cfg, model, opt, step + 1, z_scale=z_scale, tokenizer_id=tok_id)
+            save_stage(path, cfg, model, opt, step + 1, z_stats=stats.state(), tokenizer_id=tok_id,
+                       train_s=curve.train_s())
+            curve.point(bar, step + 1, 1 + (n_latent - 1) * cfg.ft,
+                        lambda prompts, gen, f: sample_stage(stage, model, cfg, tok, stats, prompts, gen, f, args))
         if stop:
             stop_now(bar, stage, args)
+    curve.write()
     return model.eval()
 
 
@@ -472,6 +578,9 @@ def main(argv=None):
     p.add_argument("--out", default=None, help="run directory (default runs/<config>)")
     p.add_argument("--compile", action="store_true", help="torch.compile the training forward passes (for GPUs; on a "
                    "CPU the compile time outweighs the gain in a toy run)")
+    p.add_argument("--curve", type=int, default=0, help="learning curve: at every checkpoint, score this many "
+                   "prompted samples with eval.py's DigitNet (semantic, consistency) against training minutes; table "
+                   "and plot in --out/curve_<stage>.md/.png (0 = off; the first use trains eval.py's nets, ~10 min)")
     p.add_argument("--stop-after", type=int, default=0, help="save and stop after this many steps of this run "
                    "(for time-sliced or preemptible jobs; running the command again resumes)")
     args = p.parse_args(argv)
@@ -501,24 +610,37 @@ def main(argv=None):
 
 
 @torch.no_grad()
-def write_sample_gif(cfg, args, out, stage, tok, n=8):
-    """After each generator stage: n prompted clips to look at, out/sample_<stage>.gif (prompts in the .txt)."""
+def sample_stage(stage, model, cfg, tok, stats, prompts, generator, frames, args):
+    """Prompted samples of a generator stage ('ar', 'teacher' or 'causal') at its default sampler settings ->
+    uint8 clips [N,frames,H,W]; stats: the flow models' LatentStats (None for 'ar')."""
     from sample import generate_ar, generate_student, generate_teacher, stream_layout
-    gen = torch.Generator(args.device).manual_seed(args.seed)
-    prompts = torch.randint(0, 10, (n, cfg.num_digits), generator=gen, device=args.device)
-    t, side = 1 + (cfg.frames - 1) // cfg.ft, tok.latent_side
+    was_training = model.training
+    model.eval()
+    t, side = 1 + (frames - 1) // cfg.ft, tok.latent_side
     with autocast(args.device, args.precision):
         if stage == "ar":
-            z = generate_ar(load_ar(out, args.device, tok)[0], tok, prompts, t, gen, progress=False)
+            z = generate_ar(model, tok, prompts, t, generator, progress=False)
+        elif stage == "teacher":
+            z = stats.denormalize(generate_teacher(model, prompts, t, side, cfg.z_channels, generator, progress=False))
         else:
-            model, c, z_scale = load_flow(out, stage, args.device, tok)
-            if stage == "teacher":
-                z = generate_teacher(model, prompts, t, side, c.z_channels, gen, progress=False) / z_scale
-            else:
-                units = len(stream_layout(c.unit, t, t, side, **c.unit_kwargs()))
-                z = generate_student(model, prompts, t, t, side, c.z_channels, gen, c.unit, c.unit_kwargs(),
-                                     context_len=units - 1, progress=False) / z_scale
-        data.save_gif(out / f"sample_{stage}.gif", data.from_model(tok.decode(z)))
+            chunk = 1 + (cfg.frames - 1) // cfg.ft
+            units = len(stream_layout(cfg.unit, chunk, chunk, side, **cfg.unit_kwargs()))
+            z = stats.denormalize(generate_student(model, prompts, t, chunk, side, cfg.z_channels, generator, cfg.unit,
+                                                   cfg.unit_kwargs(), context_len=units - 1, progress=False))
+        video = data.from_model(tok.decode(z), squeeze=False)[..., 0]
+    model.train(was_training)
+    return video
+
+
+def write_sample_gif(cfg, args, out, stage, tok, n=8):
+    """After each generator stage: n prompted clips to look at, out/sample_<stage>.gif (prompts in the .txt)."""
+    gen = torch.Generator(args.device).manual_seed(args.seed)
+    prompts = torch.randint(0, 10, (n, cfg.num_digits), generator=gen, device=args.device)
+    if stage == "ar":
+        model, stats = load_ar(out, args.device, tok)[0], None
+    else:
+        model, _, stats = load_flow(out, stage, args.device, tok)
+    data.save_gif(out / f"sample_{stage}.gif", sample_stage(stage, model, cfg, tok, stats, prompts, gen, cfg.frames, args))
     (out / f"sample_{stage}.txt").write_text("\n".join(" ".join(map(str, p.tolist())) for p in prompts) + "\n")
     print(f"[{stage}] samples for prompts {', '.join(' '.join(map(str, p.tolist())) for p in prompts)} -> "
           f"{out / f'sample_{stage}.gif'}")

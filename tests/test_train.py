@@ -179,3 +179,56 @@ def test_bf16_precision_flag_changes_the_arithmetic_not_the_result(run, tmp_path
     a, b = (losses(tmp_path / p, "ar") for p in ("fp32", "bf16"))
     assert all(np.isfinite(list(b.values())))
     assert a != b and all(b[s] == pytest.approx(a[s], rel=2e-2) for s in a), (a, b)
+
+
+def test_latent_stats_normalise_each_channel_and_invert():
+    from tokenizer import LatentStats
+    g = torch.Generator().manual_seed(0)
+    z = torch.randn(8, 3, 2, 4, 4, generator=g) * torch.tensor([0.5, 1.0, 2.0]).view(1, 3, 1, 1, 1) \
+        + torch.tensor([-2.0, 0.0, 1.0]).view(1, 3, 1, 1, 1)
+    per = LatentStats.measure(z)
+    x = per.normalize(z)
+    assert torch.allclose(x.mean((0, 2, 3, 4)), torch.zeros(3), atol=1e-5)
+    assert torch.allclose(x.std((0, 2, 3, 4)), torch.ones(3), atol=1e-5)
+    assert torch.allclose(per.denormalize(x), z, atol=1e-5)
+    glob = LatentStats.from_state(LatentStats.measure(z, per_channel=False).state())
+    assert glob.normalize(z).mean((0, 2, 3, 4))[0] < -0.5        # one global std keeps the channels' offsets
+
+
+def test_logit_normal_flow_times_concentrate_at_mid_noise():
+    g = torch.Generator().manual_seed(0)
+    u, ln = (train.flow_times((20000,), k, g, "cpu") for k in ("uniform", "logitnormal"))
+    assert 0 < ln.min() and ln.max() < 1
+    assert abs(ln.median().item() - 0.5) < 0.02 and 0.18 < ln.std().item() < 0.24   # logit-normal(0, 1): std 0.21
+    mid = lambda t: ((t > 0.25) & (t < 0.75)).float().mean().item()
+    assert mid(u) == pytest.approx(0.5, abs=0.02) and mid(ln) > 0.65
+    with pytest.raises(ValueError, match="fm-time"):
+        train.flow_times((2,), "cosine", g, "cpu")
+
+
+@pytest.mark.parametrize("stage", ["ar", "teacher"])
+def test_multi_stage_trains_single_images_first_then_clips(run, tmp_path, stage, monkeypatch):
+    """Paper A's multi-stage recipe (--image-frac): the first share of the steps sees one-frame samples at
+    `latent frames` x the batch, the rest whole clips; the weights carry over (one checkpoint)."""
+    seen = []
+    moving_mnist = train.data.moving_mnist
+    monkeypatch.setattr(train.data, "moving_mnist",
+                        lambda n, d, split, mm, seed=0: (split == "train" and seen.append((n, mm.frames)),
+                                                        moving_mnist(n, d, split, mm, seed))[1])
+    shutil.copy(run / "tokenizer.pt", tmp_path)
+    train.main(["--config", "tiny", "--stage", stage, "--ar-steps", "4", "--fm-steps", "4", "--eval-every", "4",
+                "--image-frac", "0.5", "--device", "cpu", "--out", str(tmp_path)])
+    assert seen[-4:] == [(12, 1), (12, 1), (4, 9), (4, 9)], seen   # tiny: batch 4, 9 frames = 3 latent
+
+
+def test_curve_scores_samples_at_each_checkpoint(run, tmp_path, monkeypatch):
+    import eval as E
+    monkeypatch.setattr(E, "load_nets", lambda **kw: (E.DigitNet(8).eval(), None, {}))   # untrained: fast
+    shutil.copy(run / "tokenizer.pt", tmp_path)
+    train.main(["--config", "tiny", "--stage", "teacher", "--fm-steps", "4", "--eval-every", "2", "--curve", "3",
+                "--device", "cpu", "--out", str(tmp_path)])
+    rows = [json.loads(l)["curve"] for l in (tmp_path / "log.jsonl").read_text().splitlines() if "curve" in l]
+    assert [r["step"] for r in rows] == [2, 4] and rows[0]["train_s"] < rows[1]["train_s"]
+    assert all(0 <= r["semantic"] <= 1 and r["frames"] == 9 for r in rows)
+    assert (tmp_path / "curve_teacher.md").read_text().count("\n") == 4
+    assert (tmp_path / "curve_teacher.png").stat().st_size > 1000
