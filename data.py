@@ -231,10 +231,29 @@ def _read_clip_file(path):
         if x is None:
             raise ValueError("expected [T,H,W], [T,H,W,C], [N,T,H,W] or [N,T,H,W,C]")
         return x
+    if path.suffix.lower() == ".gif":
+        return _read_gif(path)[None]
     import imageio.v3 as iio
-    x = np.asarray(iio.imread(path, index=None, plugin="pillow" if path.suffix == ".gif" else None))  # [T,H,W(,C)]
+    x = np.asarray(iio.imread(path, index=None))                     # [T,H,W(,C)]
     x = x[..., None] if x.ndim == 3 else x
     return x[None, ..., :3].astype(np.uint8)
+
+
+def _read_gif(path):
+    """GIF -> uint8 [T,H,W,3], every frame made RGB by Pillow itself.
+
+    Pillow drops a palette that is the plain grey ramp (0, 1, 2, ...) and reads that frame as 'L'; a later frame with
+    a palette of its own then decodes wrongly ("No packer found from P to L"). A grey first frame that uses every
+    level, common in save_gif's grey clips, gets such a palette; keeping every palette reads it like any palette GIF.
+    """
+    from PIL import GifImagePlugin, ImageSequence
+
+    class KeepPalettes(GifImagePlugin.GifImageFile):
+        def _is_palette_needed(self, p):
+            return True
+
+    with KeepPalettes(path) as im:
+        return np.stack([np.asarray(f.convert("RGB")) for f in ImageSequence.Iterator(im)])
 
 
 def load_clip_folder(folder, frames, size, channels=1):

@@ -84,6 +84,49 @@ def test_clip_folder(tmp_path, digits):
         data.load_clip_folder(tmp_path, frames=5, size=64)
 
 
+def gif_clip():
+    """A white square moving on black after a first frame holding every grey level: such a frame gets a palette
+    that Pillow reads as plain greyscale ('L'), and the later frames, which bring palettes of their own, broke."""
+    v = np.zeros((4, 16, 16), np.uint8)
+    v[0] = np.arange(256).reshape(16, 16)
+    for t in range(1, 4):
+        v[t, 3 * t:3 * t + 5, 4:9] = 255
+    return v
+
+
+def write_pillow_palette_gif(path, v):
+    from PIL import Image
+    frames = [Image.fromarray(f).convert("P") for f in v]
+    frames[0].save(path, save_all=True, append_images=frames[1:], duration=100, loop=0)
+
+
+def write_rgb_gif(path, v):
+    import imageio.v3 as iio
+    iio.imwrite(path, v, duration=100, loop=0)
+
+
+GIF_WRITERS = {  # name: (write(path, clip), clip as written, channels to load, largest error allowed)
+    "save_gif": (lambda p, v: data.save_gif(p, v[None], scale=1), gif_clip(), 1, 0),
+    "save_gif_scale2": (lambda p, v: data.save_gif(p, v[None], scale=2), gif_clip(), 1, 64),
+    "pillow_palette": (write_pillow_palette_gif, gif_clip(), 1, 0),
+    "rgb": (write_rgb_gif, np.stack([gif_clip(), np.zeros_like(gif_clip()), 255 - gif_clip()], -1), 3, 0),
+}
+
+
+@pytest.mark.parametrize("name", GIF_WRITERS)
+def test_clip_folder_reads_back_gifs(tmp_path, name):
+    """A GIF is one clip: load_clip_folder(frames=T, size=H) gives back what was written. GIF frames hold up to 256
+    colours, so these clips (grey levels; 256 colours in the RGB one) survive exactly, except that save_gif's `scale`
+    upsampling comes back through an antialiased downsampling, which blurs the square's edges by under a quarter."""
+    write, want, channels, tol = GIF_WRITERS[name]
+    write(tmp_path / "x.gif", want)
+    got = data.load_clip_folder(tmp_path, frames=4, size=16, channels=channels)
+    assert got.dtype == np.uint8 and got.shape == (1, *want.shape)
+    err = np.abs(got[0].astype(int) - want)
+    assert err.max() <= tol, f"{name}: pixels off by up to {err.max()}"
+    assert (got[0][want == 255] >= 160).all() and (got[0][want == 0] <= 64).all()  # bright stays bright, dark dark
+
+
 def test_conversions_check_their_input():
     v = np.zeros((2, 5, 8, 8), np.uint8)
     x = data.to_model(v)
