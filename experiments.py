@@ -69,7 +69,8 @@ def table(rows, cols):
 
 
 def train_args(args):
-    return SimpleNamespace(device=args.device, seed=args.seed, stop_after=0, precision=args.precision, compile=False)
+    return SimpleNamespace(device=args.device, seed=args.seed, stop_after=0, precision=args.precision, compile=False,
+                           curve=0)
 
 
 def amp(args):
