@@ -395,8 +395,10 @@ def train_ar(cfg, args, digits, out, tok):
     tok_id = tokenizer_id(tok)
     frames = 1 + (cfg.frames - 1) // cfg.ft
     n_image = image_steps(cfg, cfg.ar_steps)
-    layouts = {n: tuple(a.to(device) for a in frame_scale_layout(n, tok.scales, tok.latent_side))
-               for n in ({1, frames} if n_image else {frames})}     # n latent frames -> pos, unit, frame
+    layouts = {}    # n latent frames -> pos, unit, frame, start (scale 1 of each frame takes the start token)
+    for n in ({1, frames} if n_image else {frames}):
+        pos, unit, frame = (a.to(device) for a in frame_scale_layout(n, tok.scales, tok.latent_side))
+        layouts[n] = pos, unit, frame, unit % len(tok.scales) == 0
     held, held_labels = heldout_clips(cfg, digits, cfg.eval_clips)
     curve = Curve(out, "ar", args, state, cfg, digits)
     fwd = compiled(model, args)
@@ -404,8 +406,7 @@ def train_ar(cfg, args, digits, out, tok):
     for step in bar:
         image = step < n_image   # paper A stage 1: one latent frame per sample, `frames` x the batch
         n_latent, batch = (1, cfg.ar_batch * frames) if image else (frames, cfg.ar_batch)
-        pos, unit, frame = layouts[n_latent]
-        start = unit % len(tok.scales) == 0      # scale 1 of each frame takes the start token
+        pos, unit, frame, start = layouts[n_latent]
         video, labels = data.moving_mnist(batch, digits, "train", cfg.mm_config(1 if image else None),
                                           seed=batch_seed(args.seed, "ar", step))
         gen = torch.Generator(device).manual_seed(batch_seed(args.seed, "ar", step))
@@ -528,7 +529,7 @@ def train_flow(cfg, args, digits, out, tok, stage):
             pos, unit = torch.cat([pos, pos]), torch.cat([unit, unit])
         return order, pos, unit, noisy, n_units
 
-    layouts = {1: layout(1), frames: layout(frames)} if n_image else {frames: layout(frames)}
+    layouts = {n: layout(n) for n in ({1, frames} if n_image else {frames})}
     curve = Curve(out, stage, args, state, cfg, digits)
     fwd = compiled(model, args)
     bar = tqdm(range(step, steps), desc=stage, initial=step, total=steps, dynamic_ncols=True)
