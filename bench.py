@@ -66,7 +66,7 @@ def train_steps(cfg, tok, ar, flow, device, b, amp):
     prompt = torch.from_numpy(labels).to(device)
     t = 1 + (cfg.frames - 1) // cfg.ft
     pos, unit, _ = (a.to(device) for a in frame_scale_layout(t, tok.scales, tok.latent_side))
-    start = unit % len(tok.scales) == 0
+    level = unit % len(tok.scales)
     with torch.no_grad():
         z = tok.encode(x)
         codes, inputs, f_hat, _ = tok.quantize(z)
@@ -85,7 +85,7 @@ def train_steps(cfg, tok, ar, flow, device, b, amp):
 
     def ar_step():
         with amp():
-            loss = F.cross_entropy(ar(xs, pos, unit, prompt, start=start).flatten(0, 1), ys.flatten())
+            loss = F.cross_entropy(ar(xs, pos, unit, prompt, level=level).flatten(0, 1), ys.flatten())
         loss.backward()
 
     raster, rpos, runit = unit_layout("frame", t, tok.latent_side)

@@ -54,6 +54,8 @@ class Config:
     ar_lr: float = _f(2e-3, "paper A learning rate")
     ec_strength: float = _f(0.3, "Cross-Frame Error Correction: max share of codes corrupted (last frame); 0 = off")
     frame_mask: float = _f(0.1, "Random Frame Mask: chance that an earlier frame is hidden from a later one; 0 = off")
+    ordered_prompt: int = _f(1, "1: a prompt lists the digits left to right and each place has its own embeddings "
+                                "(model.Transformer.condition); 0: an order-free bag of digits")
     cond_drop: float = _f(0.1, "chance that a clip's prompt is replaced by the null condition (for CFG)")
     # paper B: prediction units, flow-matching teacher, causal student (train.py --stage teacher / causal)
     unit: str = _f("cube", "prediction unit of the causal student: frame, keydetail, cube or scale")
@@ -81,7 +83,8 @@ class Config:
 
     def model_config(self, vocab=0):
         from model import ModelConfig
-        return ModelConfig(dim=self.dim, depth=self.depth, heads=self.heads, in_channels=self.z_channels, vocab=vocab)
+        return ModelConfig(dim=self.dim, depth=self.depth, heads=self.heads, in_channels=self.z_channels, vocab=vocab,
+                           slots=self.num_digits if self.ordered_prompt else 0)
 
     def unit_kwargs(self):
         """Keyword arguments of model.unit_layout for this config's unit."""

@@ -173,8 +173,9 @@ class MovingMNISTConfig:
 def moving_mnist(n, digits: Digits, split="train", cfg=MovingMNISTConfig(), seed=0):
     """Generate n bouncing-digit clips, deterministic in `seed`.
 
-    Returns video uint8 [n, T, H, W] and labels int64 [n, num_digits] (the digits each clip shows, which is the
-    prompt for conditional generation). Each digit starts at a uniform position with a uniform direction and
+    Returns video uint8 [n, T, H, W] and labels int64 [n, num_digits]: the digits each clip shows, listed left to
+    right as they stand in the first frame (the prompt for conditional generation; an ordered prompt says which
+    digit is where, see model.Transformer.condition). Each digit starts at a uniform position with a uniform direction and
     moves at `speed` px/frame, reflecting off the walls; overlapping digits combine by pixel-wise max.
     """
     images, labels = digits.split(split)
@@ -184,6 +185,7 @@ def moving_mnist(n, digits: Digits, split="train", cfg=MovingMNISTConfig(), seed
         raise ValueError(f"canvas {cfg.size} is smaller than a digit ({cfg.digit_size})")
     idx = rng.integers(0, len(images), (n, cfg.num_digits))
     pos = rng.uniform(0, lim, (n, cfg.num_digits, 2))                    # (y, x)
+    pos = np.take_along_axis(pos, np.argsort(pos[..., 1], 1, kind="stable")[..., None], 1)   # left to right
     theta = rng.uniform(0, 2 * np.pi, (n, cfg.num_digits))
     vel = cfg.speed * np.stack([np.sin(theta), np.cos(theta)], -1)      # [n, D, 2]
     traj = np.empty((cfg.frames, n, cfg.num_digits, 2), np.int64)

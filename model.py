@@ -35,6 +35,8 @@ class ModelConfig:
     in_channels: int = 16      # features per token fed in: c latent channels (paper B), 2c (paper A, ar_sequence)
     vocab: int = 0             # > 0: discrete head over codes (paper A); 0: continuous velocity head (paper B)
     num_classes: int = 10      # prompt vocabulary: the digits
+    levels: int = 0            # > 0: paper A's scales; each token gets its scale's embedding (VAR's level embedding)
+    slots: int = 0             # > 0: ordered prompts of up to `slots` digits (one embedding per place and digit)
     mlp_ratio: float = 4.0
     rope_base: float = 100.0   # RoPE wavelengths up to 2*pi*base positions; latent grids are small
 
@@ -152,7 +154,7 @@ def ar_sequence(inputs, codes, f_hat):
 
     inputs: K-1 next-scale inputs [B,t,c,s_k,s_k] (k = 2..K); codes: K code maps [B,t,s_k,s_k]; f_hat
     [B,c,t,h,w] the quantized sum of each frame (Tokenizer.quantize: with error correction, the corrupted one)
-    -> x [B,L,2c]: per token [next-scale input (zeros at scale 1, which takes the start token) || previous
+    -> x [B,L,2c]: per token [next-scale input (zeros at scale 1: its level embedding is the start token) || previous
     frame's f_hat at its scale (frame_context)], and the labels [B,L].
     """
     b, t = codes[0].shape[:2]
@@ -291,8 +293,12 @@ class Transformer(nn.Module):
         super().__init__()
         self.cfg = cfg
         self.inp = nn.Linear(cfg.in_channels, cfg.dim)
-        self.start = nn.Parameter(torch.randn(cfg.dim) * 0.02)     # start-token embedding (paper A, scale 1)
-        self.digit = nn.Embedding(cfg.num_classes, cfg.dim)
+        # paper A: which scale of the pyramid a token belongs to (RoPE says where it is, not how coarse); scale 1's
+        # embedding is also the start token, whose next-scale input is empty
+        self.level = nn.Embedding(cfg.levels, cfg.dim) if cfg.levels else None
+        if self.level is not None:
+            nn.init.normal_(self.level.weight, std=0.02)
+        self.digit = nn.Embedding(cfg.num_classes * max(1, cfg.slots), cfg.dim)
         self.null = nn.Parameter(torch.randn(cfg.dim) * 0.02)      # the dropped prompt, for CFG
         self.time = nn.Sequential(nn.Linear(cfg.dim, cfg.dim), nn.SiLU(), nn.Linear(cfg.dim, cfg.dim))
         self.blocks = nn.ModuleList(Block(cfg) for _ in range(cfg.depth))
@@ -305,27 +311,36 @@ class Transformer(nn.Module):
         nn.init.zeros_(self.head.bias)
 
     def condition(self, prompt, drop=None):
-        """prompt [B, n_digits] long -> [B,1,C]: sum of digit embeddings (order-free), or null where drop [B]."""
+        """prompt [B, n_digits] long -> [B,1,C]: the sum of its digits' embeddings, or null where drop [B].
+
+        Order-free (slots 0), "3 7" and "7 3" are one condition, and the model must decide on its own which of two
+        drawn digits is the 3: a binding problem that small diffusion models learn slowly. Ordered (slots n), digit
+        d in place i has its own embedding, and the data lists a clip's digits left to right (data.moving_mnist):
+        "3 7" asks for the 3 left of the 7."""
+        if self.cfg.slots:
+            if prompt.shape[1] > self.cfg.slots:
+                raise ValueError(f"a prompt of {prompt.shape[1]} digits for a model of {self.cfg.slots} places")
+            prompt = prompt + self.cfg.num_classes * torch.arange(prompt.shape[1], device=prompt.device)
         c = self.digit(prompt).sum(1)
         if drop is not None:
             c = torch.where(drop[:, None], self.null.to(c.dtype).expand_as(c), c)
         return c[:, None]
 
     def forward(self, x, pos, unit, prompt, mask="forward", t=None, drop=None, cache=None, append=False,
-                start=None, noisy=None, hide=None):
+                level=None, noisy=None, hide=None):
         """
         x      [B,L,c] token features (paper A: next-scale inputs; paper B: latent, noisy or clean)
         pos    [L,3]   physical (t,h,w);  unit [L] unit order index
         prompt [B,n]   digits;  drop [B] bool: use the null condition (CFG / condition dropout)
         mask   'full' | 'forward' | 'backward' (or a ready bool mask [Lq,Lk] / [B,1,Lq,Lk])
         t      [B,L]   flow time per token (paper B) or None;  noisy [L] bool: teacher-forcing layout (unit_mask)
-        start  [L] bool: tokens that get the start embedding added (paper A, first scale of each frame)
+        level  [L] long: scale index k of each token (paper A; 0 = the start token of a frame)
         hide   [B,Lq,Lk] bool: extra keys hidden per sample (paper A's Random Frame Mask)
         cache  KVCache: attend to cached tokens; append=True also writes these tokens into it
         """
         h = self.inp(x)
-        if start is not None:   # added, not substituted: a start token keeps its input (paper A: frame_context)
-            h = h + start[None, :, None].to(h.device) * self.start.to(h.dtype)
+        if level is not None:   # added, not substituted: a start token keeps its input (paper A: frame_context)
+            h = h + self.level(level.to(h.device)).to(h.dtype)
         c = self.condition(prompt, drop)
         if t is not None:
             c = c + self.time(timestep_embedding(t, self.cfg.dim))

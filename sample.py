@@ -58,14 +58,14 @@ def generate_ar(model, tok, prompts, frames, generator, cfg_scale=3.0, cfg_sched
     for f in tqdm(range(frames), desc="frames", disable=not progress):
         ctx = frame_context(f_hat, scales).split([s * s for s in scales], 1)    # what frame f knows of f-1
         f_hat = torch.zeros_like(f_hat)
-        x = f_hat.new_zeros(b, scales[0] ** 2, tok.cfg.z_channels)             # scale 1 takes the start token
+        x = f_hat.new_zeros(b, scales[0] ** 2, tok.cfg.z_channels)             # scale 1: the start token (level 0)
         for k, s in enumerate(scales):
             pos = grid_positions([f], s, side).to(device)
             unit = torch.full((s * s,), f * K + k, device=device)
-            start = torch.full((s * s,), k == 0, device=device)
+            level = torch.full((s * s,), k, device=device)
             xk = torch.cat([x, ctx[k]], -1)                                       # as in model.ar_sequence
             logits = model(torch.cat([xk, xk]) if guided else xk, pos, unit, prompt_in, drop=drop, cache=cache,
-                           append=True, start=start)
+                           append=True, level=level)
             if guided:   # CFG (Ho & Salimans 2022) on the logits; the schedule ramps the weight over scales
                 w = cfg_scale if cfg_schedule == "constant" else 1 + (cfg_scale - 1) * (k + 1) / K
                 logits = logits[b:] + w * (logits[:b] - logits[b:])

@@ -27,7 +27,7 @@ from tokenizer import LatentStats, Tokenizer
 
 STAGES = ["tokenizer", "ar", "teacher", "causal"]
 TOKENIZER_KEYS = ["size", "ft", "down", "patch", "width", "z_channels", "vocab", "scales"]
-MODEL_KEYS = TOKENIZER_KEYS + ["dim", "depth", "heads"]
+MODEL_KEYS = TOKENIZER_KEYS + ["dim", "depth", "heads", "num_digits", "ordered_prompt"]
 
 
 def lr_at(step, total, peak, warmup=50):
@@ -329,7 +329,8 @@ def hide_previous(x, prev):
 
 def build_ar(cfg, vocab):
     """Paper A's transformer: tokens carry 2c features, [next-scale input || previous frame] (model.ar_sequence)."""
-    return Transformer(replace(cfg.model_config(vocab=vocab), in_channels=2 * cfg.z_channels))
+    levels = len(cfg.tokenizer_config().scale_schedule(cfg.size // cfg.down))
+    return Transformer(replace(cfg.model_config(vocab=vocab), in_channels=2 * cfg.z_channels, levels=levels))
 
 
 def load_ar(ckpt_dir, device="cpu", tok=None):
@@ -368,7 +369,7 @@ def eval_ar(model, tok, clips, labels, device):
                              ("_nopast", False, past)):
         logits = model(x if hide is None else blind, pos, unit, wrong if name == "_wrong" else prompts, mask="forward",
                        drop=torch.full((len(x),), drop, device=device),
-                       start=unit % K == 0, hide=hide)
+                       level=unit % K, hide=hide)
         if name != "_nopast":
             out["ce" + name] = F.cross_entropy(logits.flatten(0, 1), y.flatten()).item()
         hit = (logits.argmax(-1) == y).float()
@@ -395,10 +396,10 @@ def train_ar(cfg, args, digits, out, tok):
     tok_id = tokenizer_id(tok)
     frames = 1 + (cfg.frames - 1) // cfg.ft
     n_image = image_steps(cfg, cfg.ar_steps)
-    layouts = {}    # n latent frames -> pos, unit, frame, start (scale 1 of each frame takes the start token)
+    layouts = {}    # n latent frames -> pos, unit, frame, level (scale index)
     for n in ({1, frames} if n_image else {frames}):
         pos, unit, frame = (a.to(device) for a in frame_scale_layout(n, tok.scales, tok.latent_side))
-        layouts[n] = pos, unit, frame, unit % len(tok.scales) == 0
+        layouts[n] = pos, unit, frame, unit % len(tok.scales)
     held, held_labels = heldout_clips(cfg, digits, cfg.eval_clips)
     curve = Curve(out, "ar", args, state, cfg, digits)
     fwd = compiled(model, args)
@@ -406,7 +407,7 @@ def train_ar(cfg, args, digits, out, tok):
     for step in bar:
         image = step < n_image   # paper A stage 1: one latent frame per sample, `frames` x the batch
         n_latent, batch = (1, cfg.ar_batch * frames) if image else (frames, cfg.ar_batch)
-        pos, unit, frame, start = layouts[n_latent]
+        pos, unit, frame, level = layouts[n_latent]
         video, labels = data.moving_mnist(batch, digits, "train", cfg.mm_config(1 if image else None),
                                           seed=batch_seed(args.seed, "ar", step))
         gen = torch.Generator(device).manual_seed(batch_seed(args.seed, "ar", step))
@@ -420,7 +421,7 @@ def train_ar(cfg, args, digits, out, tok):
             if cfg.frame_mask > 0 and n_latent > 1:
                 hide, prev = random_frame_mask(cfg.frame_mask, frame, len(x), gen)
                 x = hide_previous(x, prev)
-            logits = fwd(x, pos, unit, torch.from_numpy(labels).to(device), mask="forward", drop=drop, start=start,
+            logits = fwd(x, pos, unit, torch.from_numpy(labels).to(device), mask="forward", drop=drop, level=level,
                          hide=hide)
             loss = F.cross_entropy(logits.flatten(0, 1), y.flatten())
         optimize(model, opt, loss, lr_at(step, cfg.ar_steps, cfg.ar_lr))

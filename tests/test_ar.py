@@ -27,12 +27,12 @@ def tok():
 
 @pytest.fixture(scope="module")
 def model():
-    return randomised(Transformer(ModelConfig(dim=32, depth=2, heads=2, in_channels=16, vocab=32)))
+    return randomised(Transformer(ModelConfig(dim=32, depth=2, heads=2, in_channels=16, vocab=32, levels=len(SCALES))))
 
 
 def layout(scales=SCALES):
     pos, unit, frame = frame_scale_layout(FRAMES, scales, SIDE)
-    return pos, unit, frame, unit % len(scales) == 0
+    return pos, unit, frame, unit % len(scales)
 
 
 def test_mask_is_forward_over_frame_scale_units():
@@ -47,26 +47,26 @@ def test_mask_is_forward_over_frame_scale_units():
 
 
 def test_output_does_not_change_when_a_later_unit_changes(model):
-    pos, unit, _, start = layout()
+    pos, unit, _, level = layout()
     x, prompt = torch.randn(2, len(unit), C), torch.tensor([[1, 2], [3, 4]])
-    ref = model(x, pos, unit, prompt, start=start)
+    ref = model(x, pos, unit, prompt, level=level)
     for u in (1, 4, 7):
         y = x.clone()
         y[:, unit == u] += 3.0
-        out = model(y, pos, unit, prompt, start=start)
+        out = model(y, pos, unit, prompt, level=level)
         assert torch.allclose(out[:, unit < u], ref[:, unit < u], atol=1e-5)
         assert not torch.allclose(out[:, unit == u], ref[:, unit == u], atol=1e-3)
 
 
 def test_time_shift_leaves_outputs_unchanged(model):
-    pos, unit, _, start = layout()
+    pos, unit, _, level = layout()
     x, prompt = torch.randn(2, len(unit), C), torch.tensor([[1, 2], [3, 4]])
     shifted = pos + torch.tensor([100.0, 0, 0])
-    assert torch.allclose(model(x, shifted, unit, prompt, start=start), model(x, pos, unit, prompt, start=start),
+    assert torch.allclose(model(x, shifted, unit, prompt, level=level), model(x, pos, unit, prompt, level=level),
                           atol=1e-4)
     moved = pos + torch.tensor([0, 1.0, 0])   # sanity: RoPE is there -- a shift in h alone is also relative,
     moved[unit == 5, 1] += 1.0                # but moving one unit relative to the rest must change things
-    assert not torch.allclose(model(x, moved, unit, prompt, start=start), model(x, pos, unit, prompt, start=start),
+    assert not torch.allclose(model(x, moved, unit, prompt, level=level), model(x, pos, unit, prompt, level=level),
                               atol=1e-3)
 
 
@@ -79,9 +79,9 @@ def test_sampling_loop_with_cache_equals_full_teacher_forced_forward(model, scal
     z = tok.encode(torch.rand(2, 1, 9, 64, 64) * 2 - 1)
     codes, inputs, f_hat, _ = tok.quantize(z)
     x, y = ar_sequence(inputs, codes, f_hat)
-    pos, unit, _, start = layout(scales)
+    pos, unit, _, level = layout(scales)
     prompt = torch.tensor([[1, 2], [3, 4]])
-    full = model(x, pos, unit, prompt, start=start)
+    full = model(x, pos, unit, prompt, level=level)
     seen = []
     hook = model.register_forward_hook(lambda m, a, out: seen.append(out))
     try:
@@ -130,28 +130,45 @@ def test_error_correction_ramps_with_frame_and_spares_last_scale(tok):
 
 
 def test_null_condition_is_used_when_the_prompt_is_dropped(model):
-    pos, unit, _, start = layout()
+    pos, unit, _, level = layout()
     x = torch.randn(2, len(unit), C)
     a = torch.tensor([[1, 2], [1, 2]])
     b = torch.tensor([[5, 6], [7, 8]])
     drop = torch.tensor([True, True])
-    assert torch.allclose(model(x, pos, unit, a, drop=drop, start=start), model(x, pos, unit, b, drop=drop, start=start))
-    assert not torch.allclose(model(x, pos, unit, a, start=start), model(x, pos, unit, b, start=start))
+    assert torch.allclose(model(x, pos, unit, a, drop=drop, level=level), model(x, pos, unit, b, drop=drop, level=level))
+    assert not torch.allclose(model(x, pos, unit, a, level=level), model(x, pos, unit, b, level=level))
     null = model.condition(a, drop)
     assert torch.equal(null[0, 0], model.null.detach())
 
 
+def test_ordered_prompts_say_which_digit_is_where():
+    """slots > 0: "3 7" and "7 3" are different conditions; slots 0: the same bag of digits."""
+    for slots in (0, 2):
+        m = Transformer(ModelConfig(dim=32, depth=1, heads=2, in_channels=C, vocab=32, slots=slots))
+        a, b = m.condition(torch.tensor([[3, 7]])), m.condition(torch.tensor([[7, 3]]))
+        assert torch.allclose(a, b) == (slots == 0)
+    with pytest.raises(ValueError, match="3 digits"):
+        m.condition(torch.tensor([[1, 2, 3]]))
+
+
+def test_level_embedding_tells_the_scales_apart(model):
+    """Same inputs and positions, other scale indices -> other logits (RoPE alone says where, not how coarse)."""
+    pos, unit, _, level = layout()
+    x, prompt = torch.randn(1, len(unit), C), torch.tensor([[1, 2]])
+    assert not torch.allclose(model(x, pos, unit, prompt, level=level), model(x, pos, unit, prompt, level=level.flip(0)))
+
+
 def test_random_frame_mask_hides_earlier_frames(model):
-    pos, unit, frame, start = layout()
+    pos, unit, frame, level = layout()
     gen = torch.Generator().manual_seed(0)
     hide, prev = train.random_frame_mask(1.0, frame, 2, gen)  # rate 1: every earlier frame hidden
     assert not hide[:, frame == 1][:, :, frame == 1].any()   # a frame always sees itself
     assert torch.equal(prev, (frame > 0).expand(2, -1))      # ... and is not fed the previous one either
     x, prompt = torch.randn(2, len(unit), C), torch.tensor([[1, 2], [3, 4]])
-    ref = model(x, pos, unit, prompt, start=start, hide=hide)
+    ref = model(x, pos, unit, prompt, level=level, hide=hide)
     y = x.clone()
     y[:, frame == 0] += 3.0
-    out = model(y, pos, unit, prompt, start=start, hide=hide)
+    out = model(y, pos, unit, prompt, level=level, hide=hide)
     assert torch.allclose(out[:, frame == 2], ref[:, frame == 2], atol=1e-5)   # frame 0 invisible to frame 2
     blank = train.hide_previous(x, prev)                      # the hidden previous frame is not fed as input either
     assert torch.equal(blank[..., :C // 2], x[..., :C // 2]) and torch.equal(blank[:, frame == 0], x[:, frame == 0])
@@ -162,7 +179,7 @@ def test_random_frame_mask_hides_earlier_frames(model):
 def shallow():
     """One block: its keys and values depend on each token's own input only, so a cache built along a long video
     holds the same entries as one built for a short clip, and only positions can make the two differ."""
-    return randomised(Transformer(ModelConfig(dim=32, depth=1, heads=2, in_channels=16, vocab=32)))
+    return randomised(Transformer(ModelConfig(dim=32, depth=1, heads=2, in_channels=16, vocab=32, levels=len(SCALES))))
 
 
 def test_rolling_window_sees_what_a_short_clip_sees(shallow, tok):
@@ -190,7 +207,7 @@ def test_rolling_window_sees_what_a_short_clip_sees(shallow, tok):
 def test_positions_are_rebased_far_into_a_video(shallow):
     """Frames 100000-100002 after evicting older ones give the logits of frames 0-2 exactly: positions are re-based
     to the oldest cached frame, so RoPE angles stay small (without it, float32 angles near 1e5 rad drift ~4e-5)."""
-    pos, unit, frame, start = layout()
+    pos, unit, frame, level = layout()
     x, prompt = torch.randn(1, len(unit), C), torch.tensor([[1, 2]])
 
     def last_frame_logits(offset, junk):
@@ -201,11 +218,11 @@ def test_positions_are_rebased_far_into_a_video(shallow):
         for f in (0, 1):
             sel = frame == f
             shallow(x[:, sel], pos[sel] + torch.tensor([offset, 0, 0]), unit[sel] + 3000, prompt, cache=cache,
-                    append=True, start=start[sel])
+                    append=True, level=level[sel])
             cache.evict(2 * len(SCALES))
         sel = frame == 2
         return shallow(x[:, sel], pos[sel] + torch.tensor([offset, 0, 0]), unit[sel] + 3000, prompt, cache=cache,
-                       start=start[sel])
+                       level=level[sel])
 
     ref = last_frame_logits(0.0, junk=False)
     assert torch.allclose(last_frame_logits(100000.0, junk=True), ref, atol=1e-6)
@@ -223,7 +240,7 @@ def test_heldout_figures_tell_whether_the_model_uses_the_prompt(tok):
     the prompt."""
     clips = (torch.rand(2, 9, 64, 64) * 255).to(torch.uint8).numpy()
     labels = torch.tensor([[1, 2], [3, 4]])
-    m = randomised(Transformer(ModelConfig(dim=32, depth=2, heads=2, in_channels=16, vocab=32)))
+    m = randomised(Transformer(ModelConfig(dim=32, depth=2, heads=2, in_channels=16, vocab=32, levels=len(SCALES))))
     r = train.eval_ar(m, tok, clips, labels, "cpu")
     assert r["ce"] != r["ce_null"] and r["ce"] != r["ce_wrong"]
     with torch.no_grad():                     # every prompt now gives the null condition's embedding

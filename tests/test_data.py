@@ -44,6 +44,17 @@ def test_labels_name_the_digits_shown():
     assert np.array_equal(video.max((1, 2, 3)), np.array(values)[labels[:, 0]])
 
 
+def test_labels_list_the_digits_left_to_right():
+    """The prompt says which digit is where: labels[:, 0] is the digit whose box starts leftmost in frame 0."""
+    values = [10 + 20 * i for i in range(10)]
+    video, labels = data.moving_mnist(200, solid_digits(values), cfg=data.MovingMNISTConfig(num_digits=2, frames=2),
+                                      seed=0)
+    first = video[:, 0]                                        # [n,64,64]
+    x0 = (first > 0).any(1).argmax(1)                          # leftmost column with ink
+    column = first[np.arange(200), :, x0]                      # [n,64]; both digits may start there (a tie)
+    assert (column == np.array(values)[labels[:, 0], None]).any(1).all()
+
+
 def test_train_and_heldout_digits_are_disjoint(digits):
     tr = {im.tobytes() for im in digits.train_images[:2000]}
     assert not any(im.tobytes() in tr for im in digits.test_images[:500])
