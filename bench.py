@@ -17,7 +17,7 @@ import data
 from config import autocast, config_from_args, parser
 from model import Transformer, ar_sequence, frame_scale_layout, partition, unit_layout
 from sample import generate_ar, generate_student, generate_teacher, stream_layout
-from tokenizer import Tokenizer
+from tokenizer import LatentStats, Tokenizer
 from train import build_ar
 
 
@@ -58,7 +58,7 @@ def peak_mem_mb(device):
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024   # process peak RSS (Linux: KiB)
 
 
-def train_steps(cfg, tok, ar, flow, device, b, amp):
+def train_steps(cfg, tok, ar, flow, device, b, amp, fstats):
     """One optimizer-free training step (forward under `amp()`, then backward) of each stage, on b clips."""
     digits = data.load_digits(cfg.data_dir or None, verbose=False)
     video, labels = data.moving_mnist(b, digits, "train", cfg.mm_config(), seed=0)
@@ -72,8 +72,9 @@ def train_steps(cfg, tok, ar, flow, device, b, amp):
         codes, inputs, f_hat, _ = tok.quantize(z)
     xs, ys = ar_sequence(inputs, codes, f_hat)
     tok_x = data.to_model(video[:, :cfg.tok_frames], device)
-    order, fpos, funit = unit_layout(cfg.unit, t, tok.latent_side, **cfg.unit_kwargs())
-    x0 = partition(z, order, cfg.unit_kwargs()["scales"])
+    zf, fside = fstats.normalize(z), fstats.shape(cfg.z_channels, tok.latent_side)[1]   # the flow models' tokens
+    order, fpos, funit = unit_layout(cfg.unit, t, fside, **cfg.unit_kwargs())
+    x0 = partition(zf, order, cfg.unit_kwargs()["scales"])
     noisy = torch.cat([torch.zeros_like(funit, dtype=torch.bool), torch.ones_like(funit, dtype=torch.bool)]).to(device)
     fpos, funit = fpos.to(device), funit.to(device)
 
@@ -88,8 +89,8 @@ def train_steps(cfg, tok, ar, flow, device, b, amp):
             loss = F.cross_entropy(ar(xs, pos, unit, prompt, level=level).flatten(0, 1), ys.flatten())
         loss.backward()
 
-    raster, rpos, runit = unit_layout("frame", t, tok.latent_side)
-    xr, rpos, runit = partition(z, raster), rpos.to(device), runit.to(device)
+    raster, rpos, runit = unit_layout("frame", t, fside)
+    xr, rpos, runit = partition(zf, raster), rpos.to(device), runit.to(device)
 
     def teacher_step():
         with amp():
@@ -120,6 +121,8 @@ def main(argv=None):
     flow = Transformer(cfg.model_config()).to(device)
     t = 1 + (cfg.frames - 1) // cfg.ft
     side, c, n = tok.latent_side, cfg.z_channels, args.num
+    fstats = LatentStats(torch.zeros(c), torch.ones(c), cfg.fm_patch)    # unit stats: only the flow's token grid
+    fc, fside = fstats.shape(c, side)
     prompts = torch.randint(0, 10, (n, cfg.num_digits), device=device)
     gen = torch.Generator(device)
     amp = lambda: autocast(device, args.precision)           # noqa: E731 (a fresh context per use)
@@ -148,26 +151,28 @@ def main(argv=None):
             n * cfg.frames, f"{len(tok.scales) * t / cfg.frames:.2f}")
         for steps in (25, 50):
             row(f"sample teacher {steps} steps (CFG 3)",
-                lambda: tok.decode(generate_teacher(flow, prompts, t, side, c, gen, steps, progress=False)),
+                lambda: tok.decode(fstats.denormalize(generate_teacher(flow, prompts, t, fside, fc, gen, steps,
+                                                                       progress=False))),
                 n * cfg.frames, f"{steps / cfg.frames:.2f}")
-        units = len(stream_layout(cfg.unit, t, t, side, **cfg.unit_kwargs()))
+        units = len(stream_layout(cfg.unit, t, t, fside, **cfg.unit_kwargs()))
         row(f"sample student {cfg.unit} 4 steps (CFG 3)",
-            lambda: tok.decode(generate_student(flow, prompts, t, t, side, c, gen, cfg.unit, cfg.unit_kwargs(), 4,
-                                                progress=False)), n * cfg.frames, f"{units * 5 / cfg.frames:.2f}")
+            lambda: tok.decode(fstats.denormalize(generate_student(flow, prompts, t, t, fside, fc, gen, cfg.unit,
+                                                                   cfg.unit_kwargs(), 4, progress=False))),
+            n * cfg.frames, f"{units * 5 / cfg.frames:.2f}")
     b = cfg.ar_batch
-    for name, (fn, frames) in train_steps(cfg, tok.train(), ar, flow, device, b, amp).items():
+    for name, (fn, frames) in train_steps(cfg, tok.train(), ar, flow, device, b, amp, fstats).items():
         row(f"{name} (batch {b}, fwd+bwd)", fn, frames)
     if args.long:
         with amp():
-            long_video(args, cfg, flow, prompts[:1], device)
+            long_video(args, cfg, flow, prompts[:1], device, fc, fside)
 
 
-def long_video(args, cfg, flow, prompt, device):
+def long_video(args, cfg, flow, prompt, device, channels, side):
     """Streaming student over a long video: seconds and cache size at unit ~10 and at the last units."""
     if (args.long - 1) % cfg.ft:
         raise SystemExit(f"--long must be 1 + {cfg.ft}*k")
     chunk = 1 + (cfg.frames - 1) // cfg.ft
-    latent, side = 1 + (args.long - 1) // cfg.ft, cfg.size // cfg.down
+    latent = 1 + (args.long - 1) // cfg.ft
     units = len(stream_layout(cfg.unit, chunk, chunk, side, **cfg.unit_kwargs()))
     stamps = []
 
@@ -178,7 +183,7 @@ def long_video(args, cfg, flow, prompt, device):
 
     t0 = time.perf_counter()
     with torch.no_grad():
-        generate_student(flow, prompt, latent, chunk, side, cfg.z_channels, torch.Generator(device), cfg.unit,
+        generate_student(flow, prompt, latent, chunk, side, channels, torch.Generator(device), cfg.unit,
                          cfg.unit_kwargs(), 4, 3.0, None, units - 1, progress=True, on_unit=on_unit)
     times = [b[0] - a[0] for a, b in zip(stamps, stamps[1:])]
     n = len(times)

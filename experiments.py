@@ -81,7 +81,8 @@ def amp(args):
 def units(args, base, cfg, tok, digits, nets):
     """Paper B Table 2 (unit type) and Table 3 (cube size) on Moving MNIST: one causal student per row, each
     initialised from the same teacher and trained for cfg.causal_steps; 4 Euler steps per unit, CFG 3."""
-    t, side = 1 + (cfg.frames - 1) // cfg.ft, tok.latent_side
+    teacher, _, stats = train.load_flow(base, "teacher", args.device, tok)
+    t, (channels, side) = 1 + (cfg.frames - 1) // cfg.ft, stats.shape(cfg.z_channels, tok.latent_side)
     rows = {"frame": dict(unit="frame"), f"keydetail (k={cfg.stride})": dict(unit="keydetail"),
             "scale": dict(unit="scale")}
     for name, (a, b) in {"t/2 x h/2 x w/2": (2, 2), "t/4 x h/4 x w/4": (4, 4), "t x h/2 x w/2": (1, 2)}.items():
@@ -89,11 +90,10 @@ def units(args, base, cfg, tok, digits, nets):
         if t % max(1, t // a) == 0 and cube not in [r.get("cube") for r in rows.values()]:   # e.g. t = 3 has no t/2
             rows[f"cube {name} ({cube.replace(',', 'x')})"] = dict(unit="cube", cube=cube)
     prompts = prompts_for(args.num, cfg.num_digits, args.seed)
-    teacher, _, stats = train.load_flow(base, "teacher", args.device, tok)
     gen = torch.Generator(args.device).manual_seed(args.seed)
     t0 = time.perf_counter()
     with amp(args):
-        z = generate_teacher(teacher, prompts.to(args.device), t, side, cfg.z_channels, gen, 25, 3.0, progress=False)
+        z = generate_teacher(teacher, prompts.to(args.device), t, side, channels, gen, 25, 3.0, progress=False)
         video = decode(tok, stats.denormalize(z))
     out = {"teacher (full attention, 25 steps)": {**score(video, prompts, nets, digits),
                                                   "frames/s": video.size / video[0, 0].size / (time.perf_counter() - t0)}}
@@ -110,7 +110,7 @@ def units(args, base, cfg, tok, digits, nets):
         gen = torch.Generator(args.device).manual_seed(args.seed)
         t1 = time.perf_counter()
         with amp(args):
-            z = generate_student(model, prompts.to(args.device), t, t, side, c.z_channels, gen, c.unit,
+            z = generate_student(model, prompts.to(args.device), t, t, side, channels, gen, c.unit,
                                  c.unit_kwargs(), 4, 3.0, context_len=n_units - 1, progress=False)
             video = decode(tok, stats.denormalize(z))
         out[f"{name}: {n_units} units"] = {**score(video, prompts, nets, digits), "train s": round(train_s),
@@ -170,7 +170,7 @@ def stream(args, base, cfg, tok, digits, nets):
     trained clip minus one). Reports ms per unit and KV-cache size near unit 10 and at the end, and the scores
     of windows of the trained length along the video (does quality drift?)."""
     model, c, stats = train.load_flow(base, "causal", args.device, tok)
-    chunk, side = 1 + (c.frames - 1) // c.ft, tok.latent_side
+    chunk, (channels, side) = 1 + (c.frames - 1) // c.ft, stats.shape(c.z_channels, tok.latent_side)
     latent = 1 + (args.long - 1) // c.ft
     n_units = len(stream_layout(c.unit, chunk, chunk, side, **c.unit_kwargs()))
     stamps = []
@@ -182,7 +182,7 @@ def stream(args, base, cfg, tok, digits, nets):
     prompts = prompts_for(args.num, c.num_digits, args.seed)
     gen = torch.Generator(args.device).manual_seed(args.seed)
     with amp(args):
-        z = generate_student(model, prompts.to(args.device), latent, chunk, side, c.z_channels, gen, c.unit,
+        z = generate_student(model, prompts.to(args.device), latent, chunk, side, channels, gen, c.unit,
                              c.unit_kwargs(), 4, 3.0, context_len=n_units - 1, on_unit=on_unit)
         video = decode(tok, stats.denormalize(z))
     per_unit = np.diff([s[0] for s in stamps]) * 1e3

@@ -295,7 +295,8 @@ def run_flow(p, args):
     model, cfg, stats = load_flow(args.ckpt, stage, args.device, tok)
     gen = torch.Generator(args.device).manual_seed(args.seed)
     frames, clip, z_ctx = frames_and_context(p, args, cfg, tok)
-    latent, side, c = 1 + (frames - 1) // cfg.ft, tok.latent_side, cfg.z_channels
+    latent = 1 + (frames - 1) // cfg.ft
+    c, side = stats.shape(cfg.z_channels, tok.latent_side)    # the flow models' token grid
     n = args.num if clip is None else len(clip)
     prompts = parse_prompts(p, args, n, cfg.num_digits, gen).to(args.device) if (args.prompt or clip is None) else None
     if args.method == "teacher":

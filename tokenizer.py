@@ -315,35 +315,49 @@ class Tokenizer(nn.Module):
 
 
 class LatentStats:
-    """The affine normalisation x = (z - mean) / std that paper B's flow models work on (z [B,c,t,h,w]).
+    """What paper B's flow models see of z [B,c,t,h,w]: the affine normalisation (z - mean) / std, with p x p
+    latent cells folded into one token (DiT's patch size; `--fm-patch`): x [B, c*p*p, t, h/p, w/p].
 
     per_channel (the default, `--fm-norm channel`): a mean and std per latent channel, measured on training clips.
     The AE's channels carry offsets (means down to -1.9 in units of the global std) and spreads from 0.4 to 1.1, so
     one global std (`--fm-norm global`, mean 0) leaves the flow's data far from the unit-variance noise it starts
-    from, channel by channel. Stored in the flow checkpoints (state / from_state)."""
+    from, channel by channel. Patches: a transformer's cost grows with its tokens, and on a CPU the samples a
+    generator sees per second decide whether it learns at all; p = 2 makes a 64x64 frame 16 tokens instead of 64.
+    Stored in the flow checkpoints (state / from_state)."""
 
-    def __init__(self, mean, std):
+    def __init__(self, mean, std, patch=1):
         self.mean, self.std = torch.as_tensor(mean).float(), torch.as_tensor(std).float()   # [c] each
+        self.patch = patch
 
     @classmethod
-    def measure(cls, z, per_channel=True):
+    def measure(cls, z, per_channel=True, patch=1):
         """z [B,c,t,h,w] of training clips -> the stats that make it zero-mean, unit-variance."""
+        if z.shape[-1] % patch:
+            raise ValueError(f"--fm-patch {patch} does not divide the latent side {z.shape[-1]}")
         if per_channel:
-            return cls(z.mean((0, 2, 3, 4)), z.std((0, 2, 3, 4)))
-        return cls(torch.zeros(z.shape[1]), z.std().expand(z.shape[1]))
+            return cls(z.mean((0, 2, 3, 4)), z.std((0, 2, 3, 4)), patch)
+        return cls(torch.zeros(z.shape[1]), z.std().expand(z.shape[1]), patch)
+
+    def shape(self, channels, side):
+        """(channels, side) of the latent -> (features per token, tokens per side) of what the flow models see."""
+        return channels * self.patch ** 2, side // self.patch
 
     def _shape(self, v, like):
         return v.to(like.device, like.dtype).view(1, -1, 1, 1, 1)
 
     def normalize(self, z):
-        return (z - self._shape(self.mean, z)) / self._shape(self.std, z)
+        """z [B,c,t,h,w] -> x [B,c*p*p,t,h/p,w/p]."""
+        x = (z - self._shape(self.mean, z)) / self._shape(self.std, z)
+        return rearrange(x, "b c t (h p) (w q) -> b (c p q) t h w", p=self.patch, q=self.patch)
 
     def denormalize(self, x):
-        return x * self._shape(self.std, x) + self._shape(self.mean, x)
+        """x [B,c*p*p,t,h,w] -> z [B,c,t,h*p,w*p]."""
+        z = rearrange(x, "b (c p q) t h w -> b c t (h p) (w q)", p=self.patch, q=self.patch)
+        return z * self._shape(self.std, z) + self._shape(self.mean, z)
 
     def state(self):
-        return {"mean": self.mean.tolist(), "std": self.std.tolist()}
+        return {"mean": self.mean.tolist(), "std": self.std.tolist(), "patch": self.patch}
 
     @classmethod
     def from_state(cls, s):
-        return cls(s["mean"], s["std"])
+        return cls(s["mean"], s["std"], s.get("patch", 1))

@@ -42,6 +42,47 @@ def batch_seed(seed, stage, step):
     return (seed * 1_000_003 + STAGES.index(stage) * 10_007 + step) % 2 ** 63
 
 
+class Echo:
+    """Data echoing (Choi et al. 2019, "Faster Neural Network Training with Data Echoing"): on a CPU the frozen
+    tokenizer's encoder costs a generator step as much as the transformer itself, so each step encodes only
+    ceil(batch / echo) fresh clips and fills the rest of the batch with clips drawn from the fresh ones of the last
+    `window` steps: every encoded clip is trained on `echo` times on average, in different batches.
+
+    fresh(step, m) -> tuple of tensors with m rows (e.g. z and labels), a pure function of the step; so the batch
+    of a step is one too, and a resumed run re-encodes the window and sees exactly the batches of an unbroken one.
+    `first`: the first step of the current kind of data (paper A's image stage, then clips); the window never
+    reaches before it."""
+
+    def __init__(self, fresh, echo, window=32):
+        if echo < 1:
+            raise ValueError(f"--echo must be >= 1, got {echo}")
+        self.fresh, self.echo, self.window, self.recent = fresh, echo, window, {}
+
+    def batch(self, step, size, first, generator):
+        m = -(-size // self.echo)
+        steps = range(max(first, step - self.window), step + 1)
+        self.recent = {s: self.recent[s] if s in self.recent else self.fresh(s, m) for s in steps}
+        new = self.recent[step]
+        if m == size:
+            return new
+        pool = [torch.cat(parts) for parts in zip(*self.recent.values())]           # this step's clips included
+        idx = torch.randint(0, len(pool[0]), (size - m,), generator=generator, device=generator.device)
+        return tuple(torch.cat([a, p[idx.to(p.device)]]) for a, p in zip(new, pool))
+
+
+def encoded_clips(cfg, args, digits, tok, stage, n_image, prepare=lambda z: z):
+    """fresh(step, m) for Echo: m training clips of a generator stage's step (single images in paper A's image
+    stage, steps < n_image), encoded by the frozen tokenizer -> (prepare(z) [m,...], labels [m,n])."""
+    @torch.no_grad()
+    def fresh(s, m):
+        video, labels = data.moving_mnist(m, digits, "train", cfg.mm_config(1 if s < n_image else None),
+                                          seed=batch_seed(args.seed, stage, s))
+        with autocast(args.device, args.precision):
+            z = tok.encode(data.to_model(video, args.device)).float()
+        return prepare(z), torch.from_numpy(labels).to(args.device)
+    return fresh
+
+
 def heldout_clips(cfg, digits, n, frames=None, seed=1234):
     """Clips of held-out digits (never seen in training), fixed across runs."""
     return data.moving_mnist(n, digits, "test", cfg.mm_config(frames), seed=seed)
@@ -403,25 +444,25 @@ def train_ar(cfg, args, digits, out, tok):
     held, held_labels = heldout_clips(cfg, digits, cfg.eval_clips)
     curve = Curve(out, "ar", args, state, cfg, digits)
     fwd = compiled(model, args)
+    echo = Echo(encoded_clips(cfg, args, digits, tok, "ar", n_image), cfg.echo)
     bar = tqdm(range(step, cfg.ar_steps), desc="ar", initial=step, total=cfg.ar_steps, dynamic_ncols=True)
     for step in bar:
         image = step < n_image   # paper A stage 1: one latent frame per sample, `frames` x the batch
         n_latent, batch = (1, cfg.ar_batch * frames) if image else (frames, cfg.ar_batch)
         pos, unit, frame, level = layouts[n_latent]
-        video, labels = data.moving_mnist(batch, digits, "train", cfg.mm_config(1 if image else None),
-                                          seed=batch_seed(args.seed, "ar", step))
         gen = torch.Generator(device).manual_seed(batch_seed(args.seed, "ar", step))
+        z, prompt = echo.batch(step, batch, 0 if image else n_image, gen)
         corrupt = error_correction(cfg.ec_strength, n_latent, cfg.vocab, gen) if cfg.ec_strength > 0 else None
         with autocast(device, args.precision):
-            with torch.no_grad():
-                codes, inputs, f_hat, _ = tok.quantize(tok.encode(data.to_model(video, device)), corrupt=corrupt)
+            with torch.no_grad():   # error correction: fresh corruption at every use of an echoed clip
+                codes, inputs, f_hat, _ = tok.quantize(z, corrupt=corrupt)
             x, y = ar_sequence(inputs, codes, f_hat)   # f_hat: the corrupted sum, the later frames' context
             drop = torch.rand(len(x), generator=gen, device=device) < cfg.cond_drop
             hide = None
             if cfg.frame_mask > 0 and n_latent > 1:
                 hide, prev = random_frame_mask(cfg.frame_mask, frame, len(x), gen)
                 x = hide_previous(x, prev)
-            logits = fwd(x, pos, unit, torch.from_numpy(labels).to(device), mask="forward", drop=drop, level=level,
+            logits = fwd(x, pos, unit, prompt, mask="forward", drop=drop, level=level,
                          hide=hide)
             loss = F.cross_entropy(logits.flatten(0, 1), y.flatten())
         optimize(model, opt, loss, lr_at(step, cfg.ar_steps, cfg.ar_lr))
@@ -467,7 +508,8 @@ def measure_latent(tok, cfg, digits, device, n=64):
         raise ValueError(f"--fm-norm must be channel or global, got {cfg.fm_norm!r}")
     video, _ = data.moving_mnist(n, digits, "train", cfg.mm_config(), seed=10 ** 6)
     with torch.no_grad():
-        return LatentStats.measure(tok.encode(data.to_model(video, device)).float(), cfg.fm_norm == "channel")
+        return LatentStats.measure(tok.encode(data.to_model(video, device)).float(), cfg.fm_norm == "channel",
+                                   cfg.fm_patch)
 
 
 def load_flow(ckpt_dir, stage, device="cpu", tok=None):
@@ -502,7 +544,7 @@ def train_flow(cfg, args, digits, out, tok, stage):
     steps = cfg.fm_steps if stage == "teacher" else cfg.causal_steps
     model = Transformer(cfg.model_config()).to(device)
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.fm_lr, betas=(0.9, 0.95), weight_decay=0.05)
-    keys = MODEL_KEYS + (["frames"] if stage == "teacher" else ["frames", "unit", "stride", "cube"])
+    keys = MODEL_KEYS + (["frames", "fm_patch"] if stage == "teacher" else ["frames", "fm_patch", "unit", "stride", "cube"])
     step, state = resume(path, cfg, keys, model, opt, stage, steps, tok)
     if step >= steps:
         return model.eval()
@@ -517,7 +559,7 @@ def train_flow(cfg, args, digits, out, tok, stage):
         stats = measure_latent(tok, cfg, digits, device)
     tok = tok.to(device).eval().requires_grad_(False)
     tok_id = tokenizer_id(tok)
-    frames, side = 1 + (cfg.frames - 1) // cfg.ft, tok.latent_side
+    frames, side = 1 + (cfg.frames - 1) // cfg.ft, stats.shape(cfg.z_channels, tok.latent_side)[1]
     kind = "frame" if stage == "teacher" else cfg.unit
     n_image = image_steps(cfg, steps) if stage == "teacher" else 0
 
@@ -534,20 +576,17 @@ def train_flow(cfg, args, digits, out, tok, stage):
     curve = Curve(out, stage, args, state, cfg, digits)
     fwd = compiled(model, args)
     bar = tqdm(range(step, steps), desc=stage, initial=step, total=steps, dynamic_ncols=True)
+    echo = Echo(encoded_clips(cfg, args, digits, tok, stage, n_image, stats.normalize), cfg.echo)
     for step in bar:
         image = step < n_image   # paper A stage 1: one latent frame per sample, `frames` x the batch
         n_latent, batch = (1, cfg.fm_batch * frames) if image else (frames, cfg.fm_batch)
         order, pos, unit, noisy, n_units = layouts[n_latent]
-        video, labels = data.moving_mnist(batch, digits, "train", cfg.mm_config(1 if image else None),
-                                          seed=batch_seed(args.seed, stage, step))
         gen = torch.Generator(device).manual_seed(batch_seed(args.seed, stage, step))
+        z, prompt = echo.batch(step, batch, 0 if image else n_image, gen)
         with autocast(device, args.precision):
-            with torch.no_grad():
-                z = stats.normalize(tok.encode(data.to_model(video, device)).float())
-                x0 = partition(z, order, cfg.unit_kwargs()["scales"])
+            x0 = partition(z, order, cfg.unit_kwargs()["scales"])
             b = len(x0)
             drop = torch.rand(b, generator=gen, device=device) < cfg.cond_drop
-            prompt = torch.from_numpy(labels).to(device)
             if stage == "teacher":
                 tt = flow_times((b, 1), cfg.fm_time, gen, device).expand(-1, x0.shape[1])
                 xt, v = flow_pair(x0, tt, gen)
@@ -618,16 +657,18 @@ def sample_stage(stage, model, cfg, tok, stats, prompts, generator, frames, args
     from sample import generate_ar, generate_student, generate_teacher, stream_layout
     was_training = model.training
     model.eval()
-    t, side = 1 + (frames - 1) // cfg.ft, tok.latent_side
+    t = 1 + (frames - 1) // cfg.ft
+    if stage != "ar":   # the flow models' token grid (LatentStats.shape)
+        channels, side = stats.shape(cfg.z_channels, tok.latent_side)
     with autocast(args.device, args.precision):
         if stage == "ar":
             z = generate_ar(model, tok, prompts, t, generator, progress=False)
         elif stage == "teacher":
-            z = stats.denormalize(generate_teacher(model, prompts, t, side, cfg.z_channels, generator, progress=False))
+            z = stats.denormalize(generate_teacher(model, prompts, t, side, channels, generator, progress=False))
         else:
             chunk = 1 + (cfg.frames - 1) // cfg.ft
             units = len(stream_layout(cfg.unit, chunk, chunk, side, **cfg.unit_kwargs()))
-            z = stats.denormalize(generate_student(model, prompts, t, chunk, side, cfg.z_channels, generator, cfg.unit,
+            z = stats.denormalize(generate_student(model, prompts, t, chunk, side, channels, generator, cfg.unit,
                                                    cfg.unit_kwargs(), context_len=units - 1, progress=False))
         video = data.from_model(tok.decode(z), squeeze=False)[..., 0]
     model.train(was_training)

@@ -32,7 +32,7 @@ def run(tmp_path_factory):
 @pytest.mark.parametrize("stage", ["tokenizer", "ar", "teacher", "causal"])
 def test_resume_gives_the_same_losses_as_an_uninterrupted_run(run, tmp_path, stage):
     flags = TINY[:3] + [stage] + ["--tok-steps", "6", "--ar-steps", "6", "--fm-steps", "6", "--causal-steps", "6",
-                                  "--eval-every", "3", "--device", "cpu"]
+                                  "--eval-every", "3", "--device", "cpu"] + (["--echo", "2"] if stage != "tokenizer" else [])
     whole, parts = tmp_path / "whole", tmp_path / "parts"
     for d in (whole, parts):          # later stages start from the same trained tokenizer (and teacher)
         d.mkdir()
@@ -232,3 +232,19 @@ def test_curve_scores_samples_at_each_checkpoint(run, tmp_path, monkeypatch):
     assert all(0 <= r["semantic"] <= 1 and r["frames"] == 9 for r in rows)
     assert (tmp_path / "curve_teacher.md").read_text().count("\n") == 4
     assert (tmp_path / "curve_teacher.png").stat().st_size > 1000
+
+
+def test_data_echo_reuses_recent_clips_and_resumes_exactly():
+    """--echo 4: a quarter of each batch is fresh, the rest comes from the fresh clips of the last `window` steps
+    (never before `first`, where the kind of data changed); a new Echo at step s (a resumed run) gives the same batch."""
+    fresh = lambda s, m: (torch.arange(m) + 100 * s,)            # row ids that say which step encoded them
+    gen = lambda s: torch.Generator().manual_seed(s)
+    echo = train.Echo(fresh, 4, window=3)
+    batches = [echo.batch(s, 8, 0, gen(s))[0] for s in range(10)]
+    for s, b in enumerate(batches):
+        assert len(b) == 8 and torch.equal(b[:2], fresh(s, 2)[0])
+        assert ((b // 100 >= max(0, s - 3)) & (b // 100 <= s)).all()
+    assert len(torch.cat(batches[3:]).unique()) > 2 * 7           # old clips do come back
+    assert torch.equal(train.Echo(fresh, 4, window=3).batch(7, 8, 0, gen(7))[0], batches[7])
+    assert (train.Echo(fresh, 4, window=3).batch(6, 8, 5, gen(6))[0] // 100 >= 5).all()
+    assert torch.equal(train.Echo(fresh, 1).batch(4, 8, 0, gen(4))[0], fresh(4, 8)[0])
