@@ -71,6 +71,8 @@ class Config:
                                  "or global (one std, no shift); tokenizer.LatentStats")
     fm_time: str = _f("logitnormal", "flow times in training: uniform, or logitnormal (sigmoid of a standard normal, "
                                      "SD3's choice: most samples at mid noise, where the digits are decided)")
+    fm_shift: float = _f(1.0, "timestep shift s of the flow models, in training and sampling (model.shift_time, SD3): "
+                              "s > 1 trains and samples more at high noise, where the digits are decided")
     image_frac: float = _f(0.0, "paper A multi-stage training, for the ar model and the teacher: share of the steps "
                                 "trained on single images (one latent frame, batch x latent frames, so the same "
                                 "tokens per step) before clips; 0 = clips only")

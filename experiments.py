@@ -93,7 +93,8 @@ def units(args, base, cfg, tok, digits, nets):
     gen = torch.Generator(args.device).manual_seed(args.seed)
     t0 = time.perf_counter()
     with amp(args):
-        z = generate_teacher(teacher, prompts.to(args.device), t, side, channels, gen, 25, 3.0, progress=False)
+        z = generate_teacher(teacher, prompts.to(args.device), t, side, channels, gen, 25, 3.0, progress=False,
+                             shift=cfg.fm_shift)
         video = decode(tok, stats.denormalize(z))
     out = {"teacher (full attention, 25 steps)": {**score(video, prompts, nets, digits),
                                                   "frames/s": video.size / video[0, 0].size / (time.perf_counter() - t0)}}
@@ -111,7 +112,7 @@ def units(args, base, cfg, tok, digits, nets):
         t1 = time.perf_counter()
         with amp(args):
             z = generate_student(model, prompts.to(args.device), t, t, side, channels, gen, c.unit,
-                                 c.unit_kwargs(), 4, 3.0, context_len=n_units - 1, progress=False)
+                                 c.unit_kwargs(), 4, 3.0, context_len=n_units - 1, progress=False, shift=c.fm_shift)
             video = decode(tok, stats.denormalize(z))
         out[f"{name}: {n_units} units"] = {**score(video, prompts, nets, digits), "train s": round(train_s),
                                            "frames/s": video.size / video[0, 0].size / (time.perf_counter() - t1)}
@@ -183,7 +184,7 @@ def stream(args, base, cfg, tok, digits, nets):
     gen = torch.Generator(args.device).manual_seed(args.seed)
     with amp(args):
         z = generate_student(model, prompts.to(args.device), latent, chunk, side, channels, gen, c.unit,
-                             c.unit_kwargs(), 4, 3.0, context_len=n_units - 1, on_unit=on_unit)
+                             c.unit_kwargs(), 4, 3.0, context_len=n_units - 1, on_unit=on_unit, shift=c.fm_shift)
         video = decode(tok, stats.denormalize(z))
     per_unit = np.diff([s[0] for s in stamps]) * 1e3
     out = {"cost": {"units": len(stamps), "ms/unit at units 6-15": float(per_unit[5:15].mean()),

@@ -13,7 +13,7 @@ from einops import rearrange
 from tqdm import tqdm
 
 import data
-from model import KVCache, frame_context, grid_positions, merge, partition, unit_layout
+from model import KVCache, frame_context, grid_positions, merge, partition, shift_time, unit_layout
 from config import add_precision_flag, autocast
 from train import load_ar, load_flow, load_tokenizer, reconstruct
 
@@ -99,16 +99,18 @@ def cfg_batch(prompts, b, cfg_scale, device):
 
 
 @torch.no_grad()
-def generate_teacher(model, prompts, frames, side, channels, generator, steps=25, cfg_scale=3.0, progress=True):
+def generate_teacher(model, prompts, frames, side, channels, generator, steps=25, cfg_scale=3.0, progress=True,
+                     shift=1.0):
     """Paper B's base model: `steps` Euler steps of the flow ODE from noise (t=1) to data (t=0) over the whole
-    clip at once (full attention). Returns z [B,c,frames,h,w] (scaled latent)."""
+    clip at once (full attention), on the grid shifted as in training (model.shift_time). Returns z [B,c,frames,h,w]
+    (scaled latent)."""
     device = next(model.parameters()).device
     b = len(prompts)
     order, pos, unit = unit_layout("frame", frames, side)
     pos, unit = pos.to(device), unit.to(device)
     prompt_in, drop = cfg_batch(prompts, b, cfg_scale, device)
     x = torch.randn(b, len(unit), channels, generator=generator, device=device)
-    ts = torch.linspace(1, 0, steps + 1).tolist()
+    ts = shift_time(torch.linspace(1, 0, steps + 1), shift).tolist()
     for t, t_next in tqdm(list(zip(ts, ts[1:])), desc="steps", disable=not progress):
         x = x + (t_next - t) * guided_velocity(model, x, pos, unit, prompt_in, drop, t, b, cfg_scale, mask="full")
     return merge(x, order, frames, side)
@@ -132,7 +134,7 @@ def stream_layout(kind, frames, chunk, side, **kw):
 
 @torch.no_grad()
 def generate_student(model, prompts, frames, chunk, side, channels, generator, kind="cube", unit_kw=None, steps=4,
-                     cfg_scale=3.0, context=None, context_len=0, progress=True, on_unit=None):
+                     cfg_scale=3.0, context=None, context_len=0, progress=True, on_unit=None, shift=1.0):
     """Paper B streaming generation (Sec. 3.4): unit by unit, `steps` Euler steps each, attending to the KV cache
     of the clean earlier units without writing to it; then one clean re-forward (t=0) writes the finished unit.
     context_len > 0 keeps only that many units in the cache (rolling: the oldest are evicted), so time and memory
@@ -147,7 +149,7 @@ def generate_student(model, prompts, frames, chunk, side, channels, generator, k
     cache = KVCache(model.cfg.depth)
     z = torch.zeros(b, channels, frames, side, side, device=device)
     ctx_frames = 0 if context is None else context.shape[2]
-    ts = torch.linspace(1, 0, steps + 1).tolist()
+    ts = shift_time(torch.linspace(1, 0, steps + 1), shift).tolist()
     for i, (pos, order, c0, n, u) in enumerate(tqdm(stream_layout(kind, frames, chunk, side, **unit_kw),
                                                      desc="units", disable=not progress)):
         pos = pos.to(device)
@@ -302,14 +304,15 @@ def run_flow(p, args):
     if args.method == "teacher":
         if clip is not None:
             p.error("--context needs --method student (the teacher generates whole clips)")
-        z = generate_teacher(model, prompts, latent, side, c, gen, args.steps or 25, args.cfg)
+        z = generate_teacher(model, prompts, latent, side, c, gen, args.steps or 25, args.cfg, shift=cfg.fm_shift)
     else:
         chunk = 1 + (cfg.frames - 1) // cfg.ft
         n_units = len(stream_layout(cfg.unit, chunk, chunk, side, **cfg.unit_kwargs()))
         context_len = n_units - 1 if args.context_len < 0 else args.context_len
         try:
             z = generate_student(model, prompts, latent, chunk, side, c, gen, cfg.unit, cfg.unit_kwargs(),
-                                 args.steps or 4, args.cfg, None if z_ctx is None else stats.normalize(z_ctx), context_len)
+                                 args.steps or 4, args.cfg, None if z_ctx is None else stats.normalize(z_ctx), context_len,
+                                 shift=cfg.fm_shift)
         except ValueError as e:
             p.error(str(e))
     return finish(data.from_model(tok.decode(stats.denormalize(z)), squeeze=False), clip, prompts)

@@ -22,7 +22,7 @@ from tqdm import tqdm
 
 import data
 from config import Config, autocast, config_from_args, load_checkpoint, parser, save_checkpoint, seed_everything
-from model import Transformer, ar_sequence, frame_scale_layout, partition, unit_layout
+from model import Transformer, ar_sequence, frame_scale_layout, partition, shift_time, unit_layout
 from tokenizer import LatentStats, Tokenizer
 
 STAGES = ["tokenizer", "ar", "teacher", "causal"]
@@ -492,14 +492,16 @@ def flow_pair(x0, t, generator):
     return (1 - t[..., None]) * x0 + t[..., None] * eps, eps - x0
 
 
-def flow_times(shape, kind, generator, device):
+def flow_times(shape, kind, generator, device, shift=1.0):
     """Training flow times [*shape] in (0, 1): uniform, or logit-normal (sigmoid of N(0, 1); SD3, Esser et al. 2024),
-    which spends most samples at mid noise levels, where a sample's content (which digit, where) is decided."""
+    which spends most samples at mid noise levels; then shifted toward high noise by `shift` (model.shift_time)."""
     if kind == "uniform":
-        return torch.rand(shape, generator=generator, device=device)
-    if kind == "logitnormal":
-        return torch.sigmoid(torch.randn(shape, generator=generator, device=device))
-    raise ValueError(f"--fm-time must be uniform or logitnormal, got {kind!r}")
+        t = torch.rand(shape, generator=generator, device=device)
+    elif kind == "logitnormal":
+        t = torch.sigmoid(torch.randn(shape, generator=generator, device=device))
+    else:
+        raise ValueError(f"--fm-time must be uniform or logitnormal, got {kind!r}")
+    return shift_time(t, shift)
 
 
 def measure_latent(tok, cfg, digits, device, n=64):
@@ -588,11 +590,11 @@ def train_flow(cfg, args, digits, out, tok, stage):
             b = len(x0)
             drop = torch.rand(b, generator=gen, device=device) < cfg.cond_drop
             if stage == "teacher":
-                tt = flow_times((b, 1), cfg.fm_time, gen, device).expand(-1, x0.shape[1])
+                tt = flow_times((b, 1), cfg.fm_time, gen, device, cfg.fm_shift).expand(-1, x0.shape[1])
                 xt, v = flow_pair(x0, tt, gen)
                 pred = fwd(xt, pos, unit, prompt, mask="full", t=tt, drop=drop)
             else:
-                tt = flow_times((b, n_units), cfg.fm_time, gen, device)[:, unit[len(unit) // 2:]]  # a level per unit
+                tt = flow_times((b, n_units), cfg.fm_time, gen, device, cfg.fm_shift)[:, unit[len(unit) // 2:]]  # a level per unit
                 xt, v = flow_pair(x0, tt, gen)
                 pred = fwd(torch.cat([x0, xt], 1), pos, unit, prompt, mask="forward", noisy=noisy,
                            t=torch.cat([torch.zeros_like(tt), tt], 1), drop=drop)[:, x0.shape[1]:]
@@ -664,12 +666,14 @@ def sample_stage(stage, model, cfg, tok, stats, prompts, generator, frames, args
         if stage == "ar":
             z = generate_ar(model, tok, prompts, t, generator, progress=False)
         elif stage == "teacher":
-            z = stats.denormalize(generate_teacher(model, prompts, t, side, channels, generator, progress=False))
+            z = stats.denormalize(generate_teacher(model, prompts, t, side, channels, generator, progress=False,
+                                                    shift=cfg.fm_shift))
         else:
             chunk = 1 + (cfg.frames - 1) // cfg.ft
             units = len(stream_layout(cfg.unit, chunk, chunk, side, **cfg.unit_kwargs()))
             z = stats.denormalize(generate_student(model, prompts, t, chunk, side, channels, generator, cfg.unit,
-                                                   cfg.unit_kwargs(), context_len=units - 1, progress=False))
+                                                   cfg.unit_kwargs(), context_len=units - 1, progress=False,
+                                                   shift=cfg.fm_shift))
         video = data.from_model(tok.decode(z), squeeze=False)[..., 0]
     model.train(was_training)
     return video

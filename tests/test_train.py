@@ -206,6 +206,20 @@ def test_logit_normal_flow_times_concentrate_at_mid_noise():
         train.flow_times((2,), "cosine", g, "cpu")
 
 
+def test_time_shift_moves_training_and_sampling_toward_noise():
+    """--fm-shift s: the same map on training times and on the sampler's grid; s = 1 changes nothing; s = 3 puts the
+    median logit-normal time at 0.75 and trains ~20x more often above t = 0.95 (where the digits are decided)."""
+    from model import shift_time
+    grid = torch.linspace(1, 0, 26)
+    assert torch.equal(shift_time(grid, 1.0), grid)
+    s3 = shift_time(grid, 3.0)
+    assert s3[0] == 1 and s3[-1] == 0 and (s3.diff() < 0).all() and (s3[1:-1] > grid[1:-1]).all()
+    g = lambda: torch.Generator().manual_seed(0)
+    t1, t3 = (train.flow_times((20000,), "logitnormal", g(), "cpu", s) for s in (1.0, 3.0))
+    assert t3.median().item() == pytest.approx(0.75, abs=0.02)
+    assert (t3 > 0.95).float().mean() > 10 * (t1 > 0.95).float().mean()
+
+
 @pytest.mark.parametrize("stage", ["ar", "teacher"])
 def test_multi_stage_trains_single_images_first_then_clips(run, tmp_path, stage, monkeypatch):
     """Paper A's multi-stage recipe (--image-frac): the first share of the steps sees one-frame samples at

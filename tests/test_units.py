@@ -120,3 +120,19 @@ def test_student_memory_is_bounded_by_the_context_length(model):
                                 progress=False, on_unit=lambda i, cache: sizes.append(cache.num_units()))
     assert z.shape == (1, C, 12, SIDE, SIDE) and len(sizes) == 12 // 2 * 4
     assert max(sizes) == 3 and sizes[-1] == 3
+
+
+@pytest.mark.parametrize("method", ["teacher", "student"])
+def test_samplers_walk_the_shifted_time_grid(model, monkeypatch, method):
+    """--fm-shift is applied at sampling as in training (model.shift_time): the times the model is asked about are
+    the shifted grid, for the teacher and for each unit of the student."""
+    from model import shift_time
+    seen = []
+    real = sample.guided_velocity
+    monkeypatch.setattr(sample, "guided_velocity", lambda *a, **k: seen.append(a[6]) or real(*a, **k))
+    prompt, gen = torch.tensor([[1, 2]]), torch.Generator().manual_seed(0)
+    if method == "teacher":
+        sample.generate_teacher(model, prompt, 1, 4, C, gen, steps=5, progress=False, shift=3.0)
+    else:
+        sample.generate_student(model, prompt, 1, 1, 4, C, gen, "frame", steps=5, progress=False, shift=3.0)
+    assert seen == pytest.approx(shift_time(torch.linspace(1, 0, 6), 3.0)[:-1].tolist())
