@@ -60,23 +60,24 @@ class Config:
     # paper B: prediction units, flow-matching teacher, causal student (train.py --stage teacher / causal)
     unit: str = _f("cube", "prediction unit of the causal student: frame, keydetail, cube or scale")
     stride: int = _f(2, "keydetail: number of strided frame groups k")
-    cube: str = _f("2,4,4", "cube size kt,kh,kw in latent cells (must divide the latent)")
-    fm_steps: int = _f(800, "teacher (full-attention flow matching) training steps")
-    causal_steps: int = _f(500, "causal student training steps")
+    cube: str = _f("2,2,2", "cube size kt,kh,kw in flow tokens (latent frames x tokens of fm_patch^2 latent cells; "
+                            "must divide the token grid)")
+    fm_steps: int = _f(2000, "teacher (full-attention flow matching) training steps")
+    causal_steps: int = _f(1000, "causal student training steps")
     fm_batch: int = _f(8, "paper B batch size (clips)")
-    fm_lr: float = _f(1e-3, "paper B learning rate")
-    fm_patch: int = _f(1, "paper B: latent cells per token side (DiT's patch size): 2 folds 2x2 cells into one token, "
+    fm_lr: float = _f(3e-3, "paper B learning rate")
+    fm_patch: int = _f(2, "paper B: latent cells per token side (DiT's patch size): 2 folds 2x2 cells into one token, "
                           "4x fewer tokens, so ~4x the samples per CPU-second")
     fm_norm: str = _f("channel", "latent normalisation of the flow models: channel (mean and std per latent channel) "
                                  "or global (one std, no shift); tokenizer.LatentStats")
     fm_time: str = _f("logitnormal", "flow times in training: uniform, or logitnormal (sigmoid of a standard normal, "
                                      "SD3's choice: most samples at mid noise, where the digits are decided)")
-    fm_shift: float = _f(1.0, "timestep shift s of the flow models, in training and sampling (model.shift_time, SD3): "
+    fm_shift: float = _f(3.0, "timestep shift s of the flow models, in training and sampling (model.shift_time, SD3): "
                               "s > 1 trains and samples more at high noise, where the digits are decided")
-    image_frac: float = _f(0.0, "paper A multi-stage training, for the ar model and the teacher: share of the steps "
+    image_frac: float = _f(0.5, "paper A multi-stage training, for the ar model and the teacher: share of the steps "
                                 "trained on single images (one latent frame, batch x latent frames, so the same "
                                 "tokens per step) before clips; 0 = clips only")
-    echo: int = _f(1, "data echoing (train.Echo) for the generator stages: each encoded clip is trained on this many "
+    echo: int = _f(4, "data echoing (train.Echo) for the generator stages: each encoded clip is trained on this many "
                       "times on average; 1 = every clip fresh")
     eval_every: int = _f(500, "steps between held-out evaluations (and checkpoints)")
     eval_clips: int = _f(32, "held-out clips for evaluation")
@@ -113,9 +114,10 @@ PRESETS = {
     # instead of 85, so its generator stages take hours on a CPU
     "tiny": dict(tok_steps=40, tok_batch=4, eval_every=20, eval_clips=4, width=16, vocab=256, frames=9,
                  dim=32, depth=2, heads=2, ar_steps=20, ar_batch=4, fm_steps=20, causal_steps=20,
-                 fm_batch=4, cube="1,4,4"),   # tests and smoke runs
+                 fm_batch=4, cube="1,2,2"),   # tests and smoke runs
     "paper": dict(down=16, patch=4, width=128, z_channels=32, vocab=4096, tok_steps=50000, tok_batch=32, tok_frames=17,
                   eval_every=2000, eval_clips=256, dim=1024, depth=16, heads=16, ar_steps=100000, ar_batch=64,
+                  fm_patch=1, fm_lr=3e-4, echo=1,
                   ar_lr=3e-4),  # paper A's 16x spatial compression; needs a GPU
 }
 

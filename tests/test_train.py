@@ -231,7 +231,7 @@ def test_multi_stage_trains_single_images_first_then_clips(run, tmp_path, stage,
                                                         moving_mnist(n, d, split, mm, seed))[1])
     shutil.copy(run / "tokenizer.pt", tmp_path)
     train.main(["--config", "tiny", "--stage", stage, "--ar-steps", "4", "--fm-steps", "4", "--eval-every", "4",
-                "--image-frac", "0.5", "--device", "cpu", "--out", str(tmp_path)])
+                "--image-frac", "0.5", "--echo", "1", "--device", "cpu", "--out", str(tmp_path)])
     assert seen[-4:] == [(12, 1), (12, 1), (4, 9), (4, 9)], seen   # tiny: batch 4, 9 frames = 3 latent
 
 
@@ -239,7 +239,7 @@ def test_curve_scores_samples_at_each_checkpoint(run, tmp_path, monkeypatch):
     import eval as E
     monkeypatch.setattr(E, "load_nets", lambda **kw: (E.DigitNet(8).eval(), None, {}))   # untrained: fast
     shutil.copy(run / "tokenizer.pt", tmp_path)
-    train.main(["--config", "tiny", "--stage", "teacher", "--fm-steps", "4", "--eval-every", "2", "--curve", "3",
+    train.main(["--config", "tiny", "--stage", "teacher", "--fm-steps", "4", "--eval-every", "2", "--curve", "3", "--image-frac", "0",
                 "--device", "cpu", "--out", str(tmp_path)])
     rows = [json.loads(l)["curve"] for l in (tmp_path / "log.jsonl").read_text().splitlines() if "curve" in l]
     assert [r["step"] for r in rows] == [2, 4] and rows[0]["train_s"] < rows[1]["train_s"]
