@@ -91,15 +91,17 @@ class Config:
     def model_config(self, vocab=0):
         from model import ModelConfig
         """The flow models' transformer (paper A's replaces in_channels and adds levels: train.build_ar)."""
-        return ModelConfig(dim=self.dim, depth=self.depth, heads=self.heads, in_channels=self.z_channels * self.fm_patch ** 2, vocab=vocab,
+        return ModelConfig(dim=self.dim, depth=self.depth, heads=self.heads, vocab=vocab,
+                           in_channels=self.z_channels * self.fm_patch ** 2,
                            slots=self.num_digits if self.ordered_prompt else 0)
 
     def unit_kwargs(self):
         """Keyword arguments of model.unit_layout for this config's unit, on the flow models' token grid (the latent
         side / fm_patch; scale units keep the tokenizer's scales that fit it)."""
         side = self.size // self.down // self.fm_patch
+        scales = self.tokenizer_config().scale_schedule(self.size // self.down)
         return dict(stride=self.stride, cube=tuple(int(v) for v in self.cube.split(",")),
-                    scales=tuple(s for s in self.tokenizer_config().scale_schedule(self.size // self.down) if s <= side))
+                    scales=tuple(s for s in scales if s <= side))
 
     def mm_config(self, frames=None):
         from data import MovingMNISTConfig

@@ -175,8 +175,8 @@ def moving_mnist(n, digits: Digits, split="train", cfg=MovingMNISTConfig(), seed
 
     Returns video uint8 [n, T, H, W] and labels int64 [n, num_digits]: the digits each clip shows, listed left to
     right as they stand in the first frame (the prompt for conditional generation; an ordered prompt says which
-    digit is where, see model.Transformer.condition). Each digit starts at a uniform position with a uniform direction and
-    moves at `speed` px/frame, reflecting off the walls; overlapping digits combine by pixel-wise max.
+    digit is where, see model.Transformer.condition). Each digit starts at a uniform position with a uniform
+    direction and moves at `speed` px/frame, reflecting off the walls; overlapping digits combine by pixel-wise max.
     """
     images, labels = digits.split(split)
     rng = np.random.default_rng(seed)

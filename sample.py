@@ -189,7 +189,8 @@ def build_parser():
                    "student: per unit, default 4)")
     p.add_argument("--context-len", type=int, default=-1, help="student: units kept in the rolling KV cache "
                    "(-1: one trained clip's units minus one; 0: all)")
-    p.add_argument("--prompt", help='digits the clips should show, e.g. "3 7" (default: random digits per clip)')
+    p.add_argument("--prompt", help='digits the clips should show, left to right as they start (models trained with ordered prompts, '
+                   'the default), e.g. "3 7" (default: random digits per clip)')
     p.add_argument("--num", type=int, default=8, help="number of clips")
     p.add_argument("--frames", type=int, default=0, help="video frames, 1 + ft*k (default: the trained length)")
     p.add_argument("--cfg", type=float, default=3.0, help="classifier-free guidance weight (1 = off)")
@@ -311,8 +312,8 @@ def run_flow(p, args):
         context_len = n_units - 1 if args.context_len < 0 else args.context_len
         try:
             z = generate_student(model, prompts, latent, chunk, side, c, gen, cfg.unit, cfg.unit_kwargs(),
-                                 args.steps or 4, args.cfg, None if z_ctx is None else stats.normalize(z_ctx), context_len,
-                                 shift=cfg.fm_shift)
+                                 args.steps or 4, args.cfg, None if z_ctx is None else stats.normalize(z_ctx),
+                                 context_len, shift=cfg.fm_shift)
         except ValueError as e:
             p.error(str(e))
     return finish(data.from_model(tok.decode(stats.denormalize(z)), squeeze=False), clip, prompts)

@@ -546,7 +546,7 @@ def train_flow(cfg, args, digits, out, tok, stage):
     steps = cfg.fm_steps if stage == "teacher" else cfg.causal_steps
     model = Transformer(cfg.model_config()).to(device)
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.fm_lr, betas=(0.9, 0.95), weight_decay=0.05)
-    keys = MODEL_KEYS + (["frames", "fm_patch"] if stage == "teacher" else ["frames", "fm_patch", "unit", "stride", "cube"])
+    keys = MODEL_KEYS + ["frames", "fm_patch"] + ([] if stage == "teacher" else ["unit", "stride", "cube"])
     step, state = resume(path, cfg, keys, model, opt, stage, steps, tok)
     if step >= steps:
         return model.eval()
@@ -594,7 +594,8 @@ def train_flow(cfg, args, digits, out, tok, stage):
                 xt, v = flow_pair(x0, tt, gen)
                 pred = fwd(xt, pos, unit, prompt, mask="full", t=tt, drop=drop)
             else:
-                tt = flow_times((b, n_units), cfg.fm_time, gen, device, cfg.fm_shift)[:, unit[len(unit) // 2:]]  # a level per unit
+                tt = flow_times((b, n_units), cfg.fm_time, gen, device, cfg.fm_shift)   # a noise level per unit
+                tt = tt[:, unit[len(unit) // 2:]]
                 xt, v = flow_pair(x0, tt, gen)
                 pred = fwd(torch.cat([x0, xt], 1), pos, unit, prompt, mask="forward", noisy=noisy,
                            t=torch.cat([torch.zeros_like(tt), tt], 1), drop=drop)[:, x0.shape[1]:]

@@ -32,7 +32,8 @@ def run(tmp_path_factory):
 @pytest.mark.parametrize("stage", ["tokenizer", "ar", "teacher", "causal"])
 def test_resume_gives_the_same_losses_as_an_uninterrupted_run(run, tmp_path, stage):
     flags = TINY[:3] + [stage] + ["--tok-steps", "6", "--ar-steps", "6", "--fm-steps", "6", "--causal-steps", "6",
-                                  "--eval-every", "3", "--device", "cpu"] + (["--echo", "2"] if stage != "tokenizer" else [])
+                                  "--eval-every", "3", "--device", "cpu"]
+    flags += ["--echo", "2"] if stage != "tokenizer" else []       # echoed batches resume exactly too
     whole, parts = tmp_path / "whole", tmp_path / "parts"
     for d in (whole, parts):          # later stages start from the same trained tokenizer (and teacher)
         d.mkdir()
@@ -239,8 +240,8 @@ def test_curve_scores_samples_at_each_checkpoint(run, tmp_path, monkeypatch):
     import eval as E
     monkeypatch.setattr(E, "load_nets", lambda **kw: (E.DigitNet(8).eval(), None, {}))   # untrained: fast
     shutil.copy(run / "tokenizer.pt", tmp_path)
-    train.main(["--config", "tiny", "--stage", "teacher", "--fm-steps", "4", "--eval-every", "2", "--curve", "3", "--image-frac", "0",
-                "--device", "cpu", "--out", str(tmp_path)])
+    train.main(["--config", "tiny", "--stage", "teacher", "--fm-steps", "4", "--eval-every", "2", "--curve", "3",
+                "--image-frac", "0", "--device", "cpu", "--out", str(tmp_path)])
     rows = [json.loads(l)["curve"] for l in (tmp_path / "log.jsonl").read_text().splitlines() if "curve" in l]
     assert [r["step"] for r in rows] == [2, 4] and rows[0]["train_s"] < rows[1]["train_s"]
     assert all(0 <= r["semantic"] <= 1 and r["frames"] == 9 for r in rows)
