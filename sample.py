@@ -260,6 +260,8 @@ def parse_prompts(p, args, n, num_digits, generator):
             p.error(f"--prompt must be digits separated by spaces, got {args.prompt!r}")
         if not digits or any(d < 0 or d > 9 for d in digits):
             p.error(f"--prompt digits must be 0-9, got {args.prompt!r}")
+        if len(digits) > num_digits:
+            p.error(f"--prompt has {len(digits)} digits; this model was trained on clips of {num_digits}")
         return torch.tensor(digits).expand(n, -1)
     return torch.randint(0, 10, (n, num_digits), generator=generator)
 
@@ -321,8 +323,8 @@ def run_flow(p, args):
 
 def run_ar(p, args):
     """--method ar -> (uint8 [N,T,H,W], prompts or None)."""
-    tok, cfg = load_tokenizer(args.ckpt, args.device)
-    model, _ = load_ar(args.ckpt, args.device, tok)
+    tok, _ = load_tokenizer(args.ckpt, args.device)
+    model, cfg = load_ar(args.ckpt, args.device, tok)       # the model's config: its clip length and digit count
     gen = torch.Generator(args.device).manual_seed(args.seed)
     frames, clip, z_ctx = frames_and_context(p, args, cfg, tok)
     trained = 1 + (cfg.frames - 1) // cfg.ft

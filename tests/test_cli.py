@@ -41,6 +41,21 @@ def test_sample_writes_clips_and_their_prompts(run, tmp_path, method):
     assert (tmp_path / f"{method}.gif").stat().st_size > 0
 
 
+def test_sample_follows_the_generators_digit_count(run, tmp_path):
+    """An ar model trained on one-digit clips beside a tokenizer trained on two: sample.py draws one-digit prompts
+    (the generator's config, not the tokenizer's) and refuses a two-digit --prompt with a clear error."""
+    import shutil
+    shutil.copy(run / "tokenizer.pt", tmp_path)
+    train.main(["--config", "tiny", "--stage", "ar", "--ar-steps", "2", "--num-digits", "1", "--device", "cpu",
+                "--out", str(tmp_path)])
+    npy = tmp_path / "one.npy"
+    sample.main(["--ckpt", str(tmp_path), "--method", "ar", "--num", "2", "--npy", str(npy), "--device", "cpu"])
+    assert all(len(p) == 1 for p in E.read_prompts(npy.with_suffix(".txt")))
+    with pytest.raises(SystemExit) as e:
+        sample.main(["--ckpt", str(tmp_path), "--method", "ar", "--prompt", "3 7", "--npy", str(npy), "--device", "cpu"])
+    assert e.value.code == 2
+
+
 @pytest.mark.parametrize("what", ["units", "ar", "stream", "suite", "scales", "codes"])
 def test_experiment_tables(run, small_nets, monkeypatch, capsys, what):
     monkeypatch.setattr(experiments.E, "load_nets", lambda **kw: small_nets)
