@@ -14,8 +14,11 @@ Reading guide (paper -> code):
   * KV cache, rolling (paper B Sec. 3.4): `KVCache` -- keys are cached before rotation with their positions and
     rotated at use relative to the oldest cached frame, so after evicting old units the model sees the same
     relative offsets at frame 10 and at frame 10 000.
+  * Scale embedding (paper A; VAR's level embedding): `Transformer.level` tells each token its scale; scale 1's
+    embedding is the start token.
   * AdaLN conditioning on the prompt with a learned null condition for CFG (DiT, Peebles & Xie 2023), plus a
-    per-token flow-matching time for paper B (units may sit at different noise levels).
+    per-token flow-matching time for paper B (units may sit at different noise levels), shifted toward high noise
+    by `shift_time` (SD3). Prompts are digits, ordered left to right (`Transformer.condition`).
 Shapes: B batch, L tokens, C model width, H heads, D head dim, c latent channels.
 """
 import math
