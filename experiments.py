@@ -8,6 +8,7 @@ with eval.py. Finished rows are skipped when the command is run again (checkpoin
   python experiments.py suite  --base runs/toy   # eval.py itself: real held-out clips vs constructed inputs
   python experiments.py scales --base runs/toy   # paper A: true codes of the first k scales, the rest sampled
   python experiments.py codes  --base runs/toy   # paper A: does a frame's code map follow from the previous one?
+  python experiments.py prompt --base runs/toy   # paper B's teacher: does it read the prompt, at which noise level?
 
 The base run is `python train.py --config toy` (or any config). Each command prints a markdown table and writes
 <base>/<command>.json.
@@ -28,6 +29,7 @@ import data
 import eval as E
 import train
 from config import Config, add_precision_flag, autocast, load_checkpoint
+from model import partition, unit_layout
 from sample import generate_ar, generate_student, generate_teacher, stream_layout
 
 METRICS = ("semantic", "consistency", "fvd_mm", "fid_mm", "motion")
@@ -255,10 +257,36 @@ def suite(args, base, cfg, tok, digits, nets):
     return {name: score(v, prompts, nets, digits) for name, v in rows.items()}, list(METRICS)
 
 
+@torch.no_grad()
+def prompt(args, base, cfg, tok, digits, nets):
+    """The teacher's held-out flow-matching loss at fixed flow times with each clip's own prompt, another clip's
+    prompt and the null condition. Equal columns = the model ignores the prompt; the gap shows at which noise level
+    the prompt is read (where the digits are decided). Same x_t and noise in every column."""
+    model, c, stats = train.load_flow(base, "teacher", args.device, tok)
+    clips, labels = train.heldout_clips(c, digits, args.num)
+    channels, side = stats.shape(c.z_channels, tok.latent_side)
+    order, pos, unit = unit_layout("frame", 1 + (c.frames - 1) // c.ft, side)
+    with amp(args):
+        x0 = partition(stats.normalize(tok.encode(data.to_model(clips, args.device)).float()), order)
+    right = torch.from_numpy(labels).to(args.device)
+    conditions = {"right prompt": (right, False), "another clip's prompt": (right.roll(1, 0), False),
+                  "null prompt": (right, True)}
+    rows = {}
+    for t in (0.2, 0.5, 0.8, 0.95):
+        tt = torch.full(x0.shape[:2], t, device=args.device)
+        xt, v = train.flow_pair(x0, tt, torch.Generator(args.device).manual_seed(args.seed))
+        with amp(args):
+            rows[f"t = {t}"] = {name: torch.nn.functional.mse_loss(
+                model(xt, pos.to(args.device), unit.to(args.device), p, mask="full", t=tt,
+                      drop=torch.full((len(xt),), drop, device=args.device)).float(), v).item()
+                for name, (p, drop) in conditions.items()}
+    return rows, list(conditions)
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0], allow_abbrev=False,
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("what", choices=["units", "ar", "stream", "suite", "scales", "codes"], help="which table")
+    p.add_argument("what", choices=["units", "ar", "stream", "suite", "scales", "codes", "prompt"], help="which table")
     p.add_argument("--base", default="runs/toy", help="the base run directory (python train.py --config toy)")
     p.add_argument("--num", type=int, default=64, help="prompted clips scored per row")
     p.add_argument("--long", type=int, default=1997, help="stream: video frames, 1 + ft*k; its latent frames must "
@@ -274,7 +302,7 @@ def main(argv=None):
     nets = E.load_nets(device=args.device, digits=digits)
     torch.manual_seed(args.seed)
     rows, cols = {"units": units, "ar": ar, "stream": stream, "suite": suite,
-            "scales": scales, "codes": codes}[args.what](args, base, cfg, tok, digits, nets)
+            "scales": scales, "codes": codes, "prompt": prompt}[args.what](args, base, cfg, tok, digits, nets)
     print(table({k: v for k, v in rows.items() if k != "cost"}, cols))
     (base / f"{args.what}.json").write_text(json.dumps(rows, indent=2))
     print(f"[experiments] -> {base / (args.what + '.json')}")
