@@ -189,8 +189,8 @@ def build_parser():
                    "student: per unit, default 4)")
     p.add_argument("--context-len", type=int, default=-1, help="student: units kept in the rolling KV cache "
                    "(-1: one trained clip's units minus one; 0: all)")
-    p.add_argument("--prompt", help='digits the clips should show, left to right as they start (models trained with ordered prompts, '
-                   'the default), e.g. "3 7" (default: random digits per clip)')
+    p.add_argument("--prompt", help='digits the clips should show, left to right as they start (models trained '
+                   'with ordered prompts, the default), e.g. "3 7" (default: random digits per clip)')
     p.add_argument("--num", type=int, default=8, help="number of clips")
     p.add_argument("--frames", type=int, default=0, help="video frames, 1 + ft*k (default: the trained length)")
     p.add_argument("--cfg", type=float, default=3.0, help="classifier-free guidance weight (1 = off)")
