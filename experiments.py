@@ -9,6 +9,7 @@ with eval.py. Finished rows are skipped when the command is run again (checkpoin
   python experiments.py scales --base runs/toy   # paper A: true codes of the first k scales, the rest sampled
   python experiments.py codes  --base runs/toy   # paper A: does a frame's code map follow from the previous one?
   python experiments.py prompt --base runs/toy   # paper B's teacher: does it read the prompt, at which noise level?
+  python experiments.py positions --base runs/toy  # the teacher on single frames: how digit positions slow learning
 
 The base run is `python train.py --config toy` (or any config). Each command prints a markdown table and writes
 <base>/<command>.json.
@@ -27,9 +28,10 @@ import torch
 
 import data
 import eval as E
+import tokenizer
 import train
 from config import Config, add_precision_flag, autocast, load_checkpoint
-from model import partition, unit_layout
+from model import Transformer, partition, unit_layout
 from sample import generate_ar, generate_student, generate_teacher, stream_layout
 
 METRICS = ("semantic", "consistency", "fvd_mm", "fid_mm", "motion")
@@ -283,26 +285,94 @@ def prompt(args, base, cfg, tok, digits, nets):
     return rows, list(conditions)
 
 
+def placed_frames(n, digits, grid, size, rng):
+    """n single frames of one digit each -> (uint8 [n,1,size,size], labels [n,1]). grid 0: the digit at the centre;
+    grid g > 0: its top-left corner at a uniform multiple of g pixels (g = 1: anywhere, as in Moving MNIST)."""
+    images, labels = digits.split("train")
+    idx = rng.integers(0, len(images), n)
+    video = np.zeros((n, 1, size, size), np.uint8)
+    lim = size - 28
+    for i, j in enumerate(idx):
+        y, x = (lim // 2, lim // 2) if grid == 0 else grid * rng.integers(0, lim // grid + 1, 2)
+        video[i, 0, y:y + 28, x:x + 28] = images[j]
+    return video, labels[idx][:, None]
+
+
+def positions(args, base, cfg, tok, digits, nets):
+    """Why the generators learn slowly: a fresh teacher (the base run's config) trained on single frames of one
+    digit whose position is fixed, on the flow tokens' grid, on the latent cells' grid, or anywhere; semantic of
+    `--num` prompted samples at every quarter of `--steps`. Frames come from a pool of `--pool` encoded once (no
+    encoder cost per step), 32 a step. The transformer's attention is relative (RoPE), so a shift by whole tokens
+    costs it nothing; what it must learn anew is each sub-token phase of a glyph (a token of 16 pixels has 256)."""
+    c = dataclasses.replace(cfg, num_digits=1, frames=1)
+    cell, token = c.down, c.down * c.fm_patch
+    grids = {"fixed (centre)": 0, f"token grid ({token} px)": token, f"latent-cell grid ({cell} px)": cell,
+             "anywhere (Moving MNIST)": 1}
+    nets_digit, rows = nets[0], {}
+    for name, grid in grids.items():
+        rng, gen = np.random.default_rng(args.seed), torch.Generator().manual_seed(args.seed)
+        video, labels = zip(*(placed_frames(256, digits, grid, c.size, rng) for _ in range(-(-args.pool // 256))))
+        with torch.no_grad(), amp(args):
+            z = torch.cat([tok.encode(data.to_model(v, args.device)).float() for v in video])
+        labels = torch.from_numpy(np.concatenate(labels)).to(args.device)
+        stats = tokenizer.LatentStats.measure(z[:512], c.fm_norm == "channel", c.fm_patch)
+        channels, side = stats.shape(c.z_channels, tok.latent_side)
+        x_all = partition(stats.normalize(z), unit_layout("frame", 1, side)[0])
+        _, pos, unit = unit_layout("frame", 1, side)
+        pos, unit = pos.to(args.device), unit.to(args.device)
+        torch.manual_seed(args.seed)
+        model = Transformer(c.model_config()).to(args.device)
+        opt = torch.optim.AdamW(model.parameters(), lr=c.fm_lr, betas=(0.9, 0.95), weight_decay=0.05)
+        row, t0 = {}, time.time()
+        for step in range(args.steps):
+            i = torch.randint(0, len(x_all), (32,), generator=gen).to(args.device)
+            tt = train.flow_times((32, 1), c.fm_time, gen, "cpu", c.fm_shift).to(args.device).expand(-1, x_all.shape[1])
+            xt, v = train.flow_pair(x_all[i], tt, gen)
+            drop = (torch.rand(32, generator=gen) < c.cond_drop).to(args.device)
+            with amp(args):
+                loss = torch.nn.functional.mse_loss(
+                    model(xt, pos, unit, labels[i], mask="full", t=tt, drop=drop).float(), v)
+            train.optimize(model, opt, loss, train.lr_at(step, args.steps, c.fm_lr))
+            if (step + 1) % max(1, args.steps // 4) == 0:
+                model.eval()
+                g = torch.Generator(args.device).manual_seed(4321)
+                prompts = prompts_for(args.num, 1, 4321).to(args.device)
+                with torch.no_grad(), amp(args):
+                    zz = stats.denormalize(generate_teacher(model, prompts, 1, side, channels, g, progress=False,
+                                                            shift=c.fm_shift))
+                    frames = data.from_model(tok.decode(zz), squeeze=False)[..., 0]
+                row[f"step {step + 1}"] = E.quick_scores(frames, prompts.tolist(), nets_digit, args.device)["semantic"]
+                model.train()
+        row["minutes"] = (time.time() - t0) / 60
+        rows[name] = row
+        print(name, row, flush=True)
+    return rows, list(next(iter(rows.values())))
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0], allow_abbrev=False,
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("what", choices=["units", "ar", "stream", "suite", "scales", "codes", "prompt"], help="which table")
+    p.add_argument("what", choices=["units", "ar", "stream", "suite", "scales", "codes", "prompt", "positions"],
+                   help="which table")
     p.add_argument("--base", default="runs/toy", help="the base run directory (python train.py --config toy)")
     p.add_argument("--num", type=int, default=64, help="prompted clips scored per row")
     p.add_argument("--long", type=int, default=1997, help="stream: video frames, 1 + ft*k; its latent frames must "
                    "split into whole cubes (1997 frames = 500 latent frames = 1000 cubes of 2x4x4)")
+    p.add_argument("--steps", type=int, default=800, help="positions: training steps per row")
+    p.add_argument("--pool", type=int, default=8192, help="positions: encoded training frames per row")
     p.add_argument("--seed", type=int, default=0, help="random seed")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="cpu or cuda[:i]")
     add_precision_flag(p)
     args = p.parse_args(argv)
     base = Path(args.base)
     tok, _ = train.load_tokenizer(base, args.device)
-    cfg = Config(**load_checkpoint(base / {"ar": "ar.pt", "scales": "ar.pt", "suite": "tokenizer.pt", "codes": "tokenizer.pt"}.get(args.what, "teacher.pt"))["config"])
+    cfg = Config(**load_checkpoint(base / {"ar": "ar.pt", "scales": "ar.pt", "suite": "tokenizer.pt", "codes": "tokenizer.pt",
+                                             "positions": "tokenizer.pt"}.get(args.what, "teacher.pt"))["config"])
     digits = data.load_digits(cfg.data_dir or None, download=False)
     nets = E.load_nets(device=args.device, digits=digits)
     torch.manual_seed(args.seed)
     rows, cols = {"units": units, "ar": ar, "stream": stream, "suite": suite,
-            "scales": scales, "codes": codes, "prompt": prompt}[args.what](args, base, cfg, tok, digits, nets)
+            "scales": scales, "codes": codes, "prompt": prompt, "positions": positions}[args.what](args, base, cfg, tok, digits, nets)
     print(table({k: v for k, v in rows.items() if k != "cost"}, cols))
     (base / f"{args.what}.json").write_text(json.dumps(rows, indent=2))
     print(f"[experiments] -> {base / (args.what + '.json')}")

@@ -56,13 +56,15 @@ def test_sample_follows_the_generators_digit_count(run, tmp_path):
     assert e.value.code == 2
 
 
-@pytest.mark.parametrize("what", ["units", "ar", "stream", "suite", "scales", "codes", "prompt"])
+@pytest.mark.parametrize("what", ["units", "ar", "stream", "suite", "scales", "codes", "prompt", "positions"])
 def test_experiment_tables(run, small_nets, monkeypatch, capsys, what):
     monkeypatch.setattr(experiments.E, "load_nets", lambda **kw: small_nets)
-    experiments.main([what, "--base", str(run), "--num", "4", "--long", "25", "--device", "cpu"])
+    experiments.main([what, "--base", str(run), "--num", "4", "--long", "25", "--steps", "4", "--pool", "256",
+                     "--device", "cpu"])
     rows = json.loads((run / f"{what}.json").read_text())
     printed = capsys.readouterr().out
-    expected = {"units": 7, "ar": 4, "stream": 6, "suite": 6, "scales": 5, "codes": 4, "prompt": 4}[what]   # units: teacher + 6 students; stream: cost + 5
+    expected = {"units": 7, "ar": 4, "stream": 6, "suite": 6, "scales": 5, "codes": 4, "prompt": 4,
+                "positions": 4}[what]   # units: teacher + 6 students; stream: cost + 5
     assert len(rows) == expected, rows
     assert printed.count("\n|") >= expected - (what == "stream"), printed
 
