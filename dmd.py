@@ -21,7 +21,7 @@ the data look like (x0_real).
 
 Symmetric DMD: the generated-data scorer is a replica of the causal generator, twice: one forward-masked (a unit
 sees the units before it) and one backward-masked (a unit sees the units after it), each trained by flow matching
-on generated clips (`fake_loss`). Paper B says the pair "together" is s_gen and gives no formula; here the two
+on generated clips (to come with the dmd stage of train.py). Paper B says the pair "together" is s_gen and gives no formula; here the two
 scorers' denoised estimates are averaged per token, x0_gen = (x0_fwd + x0_bwd) / 2 (`combine`), which is averaging
 their scores at the same x_t and t.
 """
@@ -68,15 +68,6 @@ def noise_levels(b, low, high, generator, device="cpu"):
     return low + (high - low) * torch.rand(b, generator=generator, device=device)
 
 
-def fake_loss(velocity, x, t, generator):
-    """Flow-matching loss of a generated-data scorer on detached generator samples x [B,L,c] at times t [B,L]:
-    velocity(x_t, t) -> [B,L,c] is the scorer (any mask)."""
-    x = x.detach()
-    eps = torch.randn(x.shape, generator=generator, device=x.device)
-    x_t = (1 - t[..., None]) * x + t[..., None] * eps
-    return F.mse_loss(velocity(x_t, t).float(), (eps - x).float())
-
-
 # ------------------------------------------------------------------------- exact two-unit Gaussian "video"
 def gaussian_x0(mean, cov, x_t, t, visible):
     """Exact E[x0 | the noisy coordinates `visible` of x_t] for x0 ~ N(mean, cov), x_t = (1 - t) x0 + t eps:
@@ -103,18 +94,19 @@ def gaussian_fixed_point(rule, target_mean, target_cov, steps=1500, batch=4096, 
     exact full-attention real scorer of N(target_mean, target_cov) and exact generated-data scorers under `rule`.
     Returns the generator's mean and covariance after `steps` Adam steps: where the rule's DMD converges."""
     g = torch.Generator().manual_seed(seed)
-    p = torch.tensor([0.0, 0.0, 0.0, 1.0, 1.0, 1.0], requires_grad=True)         # r, p, u, q, w and a spare 1
+    p = torch.tensor([0.0, 1.0, 0.0, 0.0, 1.0], requires_grad=True)         # p, q, r, u, w
     opt = torch.optim.Adam([p], lr=lr)
 
-    def moments(v):
-        m1, m2, u, q, w = v[1], v[0] + v[2] * v[1], v[2], v[3], v[4]
-        c = torch.stack([torch.stack([q * q, u * q * q]), torch.stack([u * q * q, u * u * q * q + w * w])])
-        return torch.stack([m1, m2]), c
+    def moments(v):   # mean and covariance of (x1, x2)
+        pp, q, r, u, w = v
+        var1 = q * q
+        c = torch.stack([torch.stack([var1, u * var1]), torch.stack([u * var1, u * u * var1 + w * w])])
+        return torch.stack([pp, r + u * pp]), c
 
     for _ in range(steps):
         z = torch.randn(batch, 2, generator=g)
-        x1 = p[1] + p[3] * z[:, 0]
-        x = torch.stack([x1, p[0] + p[2] * x1 + p[4] * z[:, 1]], 1)
+        x1 = p[0] + p[1] * z[:, 0]
+        x = torch.stack([x1, p[2] + p[3] * x1 + p[4] * z[:, 1]], 1)
         t = noise_levels(batch, 0.02, 0.98, g)
         x_t = (1 - t[:, None]) * x + t[:, None] * torch.randn(batch, 2, generator=g)
         with torch.no_grad():

@@ -316,9 +316,9 @@ def positions(args, base, cfg, tok, digits, nets):
             z = torch.cat([tok.encode(data.to_model(v, args.device)).float() for v in video])
         labels = torch.from_numpy(np.concatenate(labels)).to(args.device)
         stats = tokenizer.LatentStats.measure(z[:512], c.fm_norm == "channel", c.fm_patch)
-        channels, side = stats.shape(c.z_channels, tok.latent_side)
-        x_all = partition(stats.normalize(z), unit_layout("frame", 1, side)[0])
-        _, pos, unit = unit_layout("frame", 1, side)
+        side = stats.shape(c.z_channels, tok.latent_side)[1]
+        order, pos, unit = unit_layout("frame", 1, side)
+        x_all = partition(stats.normalize(z), order)
         pos, unit = pos.to(args.device), unit.to(args.device)
         torch.manual_seed(args.seed)
         model = Transformer(c.model_config()).to(args.device)
@@ -334,16 +334,11 @@ def positions(args, base, cfg, tok, digits, nets):
                     model(xt, pos, unit, labels[i], mask="full", t=tt, drop=drop).float(), v)
             train.optimize(model, opt, loss, train.lr_at(step, args.steps, c.fm_lr))
             if (step + 1) % max(1, args.steps // 4) == 0:
-                model.eval()
-                g = torch.Generator(args.device).manual_seed(4321)
                 prompts = prompts_for(args.num, 1, 4321).to(args.device)
-                with torch.no_grad(), amp(args):
-                    zz = stats.denormalize(generate_teacher(model, prompts, 1, side, channels, g, progress=False,
-                                                            shift=c.fm_shift))
-                    frames = data.from_model(tok.decode(zz), squeeze=False)[..., 0]
+                frames = train.sample_stage("teacher", model, c, tok, stats, prompts,
+                                            torch.Generator(args.device).manual_seed(4321), 1, args)
                 row[f"step {step + 1}"] = E.quick_scores(frames, prompts.tolist(), nets_digit, args.device)["semantic"]
-                model.train()
-        row["minutes"] = (time.time() - t0) / 60
+        row["minutes"] = (time.time() - t0) / 60   # training and scoring
         rows[name] = row
         print(name, row, flush=True)
     return rows, list(next(iter(rows.values())))

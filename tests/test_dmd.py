@@ -19,21 +19,10 @@ def test_gradient_normaliser_is_per_sample_and_scale_free():
     torch.testing.assert_close(g[0], (gen[0] - real[0]) / (x[0] - real[0]).abs().mean())
 
 
-def gaussian_denoiser(mean, cov):
-    """Exact E[x0 | x_t] for x0 ~ N(mean, cov), x_t = (1 - t) x0 + t eps: mean + a cov (a^2 cov + t^2 I)^-1 (x_t - a mean)."""
-    def x0(x_t, t):   # x_t [B,d], t [B]
-        a = (1 - t)[:, None, None]
-        eye = torch.eye(len(mean)).expand(len(t), -1, -1)
-        gain = a * cov @ torch.linalg.inv(a ** 2 * cov + t[:, None, None] ** 2 * eye)
-        return mean + (gain @ (x_t - a[..., 0] * mean)[..., None])[..., 0]
-    return x0
-
-
 def run_gaussian_dmd(sign=1.0, steps=300, seed=0):
     """A Gaussian generator x = mu + A z distilled by DMD against exact real and generated-data denoisers."""
     torch.manual_seed(seed)
     target_mean, target_cov = torch.tensor([1.0, -2.0]), torch.tensor([[1.0, 0.5], [0.5, 2.0]])
-    real = gaussian_denoiser(target_mean, target_cov)
     mu, A = torch.zeros(2, requires_grad=True), (0.5 * torch.eye(2)).requires_grad_()
     opt = torch.optim.Adam([mu, A], lr=0.03)
     for _ in range(steps):
@@ -41,8 +30,9 @@ def run_gaussian_dmd(sign=1.0, steps=300, seed=0):
         t = dmd.noise_levels(512, 0.02, 0.98, None)
         x_t = (1 - t[:, None]) * x + t[:, None] * torch.randn(512, 2)
         with torch.no_grad():
-            gen = gaussian_denoiser(mu.detach(), A.detach() @ A.detach().T)   # a perfect generated-data scorer
-            g = dmd.dmd_gradient(x, real(x_t, t), gen(x_t, t))
+            real = dmd.gaussian_x0(target_mean, target_cov, x_t, t, [0, 1])             # exact scorers
+            gen = dmd.gaussian_x0(mu.detach(), A.detach() @ A.detach().T, x_t, t, [0, 1])
+            g = dmd.dmd_gradient(x, real, gen)
         opt.zero_grad()
         dmd.dmd_loss(x, sign * g).backward()
         opt.step()
