@@ -79,6 +79,21 @@ class Config:
     image_frac: float = _f(0.5, "paper A multi-stage training, for the ar model and the teacher: share of the steps "
                                 "trained on single images (one latent frame, batch x latent frames, so the same "
                                 "tokens per step) before clips; 0 = clips only")
+    # paper B Sec. 3.3: Symmetric DMD, the causal student distilled into a few-step generator (train.py --stage dmd)
+    dmd_steps: int = _f(500, "DMD generator updates")
+    dmd_lr: float = _f(3e-4, "DMD generator learning rate")
+    dmd_fake_lr: float = _f(3e-4, "learning rate of the fake (generated-data) scorers")
+    dmd_critic: int = _f(5, "fake-scorer updates per generator update, each on a fresh generated batch (the public DMD "
+                            "codes use 5-10)")
+    dmd_fake: str = _f("symmetric", "generated-data scorer (dmd.fake_masks): full (one full-attention scorer), forward "
+                                    "or backward (one causal scorer), symmetric (both causal scorers, x0 averaged)")
+    dmd_unit_steps: int = _f(4, "Euler steps per unit in the generator's rollout (1-4; each unit exits at a random "
+                                "one of them in training) and sample.py --method dmd's default")
+    dmd_t_min: float = _f(0.02, "lowest noise level at which DMD compares the real and fake scores")
+    dmd_t_max: float = _f(0.98, "highest noise level at which DMD compares the real and fake scores")
+    dmd_cfg: float = _f(3.0, "classifier-free guidance weight of the real score (the generator itself runs unguided)")
+    dmd_ema: float = _f(0.99, "decay of the moving average of the DMD generator's weights, which is what is saved and "
+                              "sampled (train.EMA); 0 = off")
     echo: int = _f(4, "data echoing (train.Echo) for the generator stages: each encoded clip is trained on this many "
                       "times on average; 1 = every clip fresh")
     eval_every: int = _f(500, "steps between held-out evaluations (and checkpoints)")
@@ -118,7 +133,7 @@ PRESETS = {
     # instead of 85, so its generator stages take hours on a CPU
     "tiny": dict(tok_steps=40, tok_batch=4, eval_every=20, eval_clips=4, width=16, vocab=256, frames=9,
                  dim=32, depth=2, heads=2, ar_steps=20, ar_batch=4, fm_steps=20, causal_steps=20,
-                 fm_batch=4, cube="1,2,2"),   # tests and smoke runs
+                 fm_batch=4, cube="1,2,2", dmd_steps=4, dmd_critic=1),   # tests and smoke runs
     "paper": dict(down=16, patch=4, width=128, z_channels=32, vocab=4096, tok_steps=50000, tok_batch=32, tok_frames=17,
                   eval_every=2000, eval_clips=256, dim=1024, depth=16, heads=16, ar_steps=100000, ar_batch=64,
                   fm_patch=1, fm_lr=3e-4, echo=1,

@@ -8,7 +8,7 @@ by descending the reverse KL divergence KL(p_gen || p_data). Its gradient (paper
 with s_real the score of the data (the frozen full-attention teacher, with classifier-free guidance) and s_gen the
 score of the generator's own samples (the "fake" scorer, trained on them by flow matching as G changes).
 
-In this project's flow convention (one everywhere, train.flow_pair): x_t = (1 - t) x0 + t eps, velocity
+In this project's flow convention (one everywhere, model.flow_pair): x_t = (1 - t) x0 + t eps, velocity
 v = eps - x0, so a velocity model gives the denoised estimate x0_hat = x_t - t v (`denoised`); a score difference is
 a difference of denoised estimates up to a positive factor, s_gen - s_real = (1 - t) / t^2 (x0_gen - x0_real). DMD
 uses the denoised form with a per-sample normaliser that makes the step size independent of the data's scale:
@@ -24,9 +24,19 @@ sees the units before it) and one backward-masked (a unit sees the units after i
 on generated clips (to come with the dmd stage of train.py). Paper B says the pair "together" is s_gen and gives no formula; here the two
 scorers' denoised estimates are averaged per token, x0_gen = (x0_fwd + x0_bwd) / 2 (`combine`), which is averaging
 their scores at the same x_t and t.
+
+Training (train.py --stage dmd), per generator update:
+  1. `dmd_critic` times: a generator clip without gradient (`rollout`), and one flow-matching step of the fake
+     scorers on it (`flow_matching_loss`): each learns the velocity eps - x0 of the generator's current clips;
+  2. a generator clip with gradient (`rollout`), noised to x_t at a level t ~ U[t_min, t_max] per clip, scored by the
+     real scorer (teacher, full attention, CFG) and the fake rule (`fake_x0`), and the surrogate
+     (`distribution_matching_loss`) backpropagated through the rollout.
 """
 import torch
 import torch.nn.functional as F
+
+from model import flow_pair
+from sample import cfg_batch, generate_student, guided_velocity, stream_layout
 
 FAKE_RULES = ("full", "forward", "backward", "symmetric")
 
@@ -36,6 +46,13 @@ def denoised(x_t, v, t):
     x_t, v [B,L,c]; t [B,L] or a number."""
     t = t[..., None] if torch.is_tensor(t) and t.dim() == x_t.dim() - 1 else t
     return x_t - t * v
+
+
+def fake_masks(rule):
+    """The attention masks of the fake scorers a --dmd-fake rule runs (one scorer per mask)."""
+    if rule not in FAKE_RULES:
+        raise ValueError(f"--dmd-fake must be one of {', '.join(FAKE_RULES)}, got {rule!r}")
+    return ("forward", "backward") if rule == "symmetric" else (rule,)
 
 
 def combine(x0_by_scorer, rule):
@@ -66,6 +83,68 @@ def noise_levels(b, low, high, generator, device="cpu"):
     if not 0.0 <= low < high <= 1.0:
         raise ValueError(f"DMD noise range must satisfy 0 <= low < high <= 1, got [{low}, {high}]")
     return low + (high - low) * torch.rand(b, generator=generator, device=device)
+
+
+def distribution_matching_loss(x, t, real_x0, fake_x0, generator):
+    """The generator's loss (Eq. 2 through the surrogate): noise the generated x to x_t = (1 - t) x + t eps, ask both
+    scorers for x0, and return (dmd_loss(x, g), g) with g = dmd_gradient(x, x0_real, x0_fake).
+    x [B,...,c] carries the generator's gradient; t [B,...] (one level per clip, repeated over its tokens);
+    real_x0 / fake_x0: (x_t, t) -> x0 estimate, run without gradient."""
+    x_t, _ = flow_pair(x.detach(), t, generator)
+    with torch.no_grad():
+        g = dmd_gradient(x, real_x0(x_t, t), fake_x0(x_t, t))
+    return dmd_loss(x, g), g
+
+
+def flow_matching_loss(velocity, x0, t, generator):
+    """A fake scorer's loss on generated samples x0 (detached: the critic's step must not move the generator):
+    mean (v_theta(x_t, t) - (eps - x0))^2 with x_t = (1 - t) x0 + t eps (model.flow_pair), as the teacher learnt the
+    data. velocity: (x_t, t) -> v; x0 [B,...,c], t [B,...]."""
+    x_t, v = flow_pair(x0.detach(), t, generator)
+    return F.mse_loss(velocity(x_t, t).float(), v)
+
+
+# ---------------------------------------------------------------------------------- paper B's generator and scorers
+def rollout(model, prompts, frames, side, channels, generator, kind, unit_kw, steps, shift):
+    """G_theta(z) of Eq. 2: one clip of `frames` latent frames from the causal generator, run exactly as at inference
+    (sample.generate_student: unit by unit with the KV cache, `steps` Euler steps per unit, the finished unit
+    re-forwarded clean into the cache; Self Forcing, Huang et al. 2025), without CFG (the generator learns the real
+    score's guidance). Returns z [B,c,frames,h,w], carrying the gradient of one exit step per unit.
+
+    Each unit exits at a step j drawn uniformly from its `steps` and jumps from there to t = 0; only that forward
+    keeps its graph. Why: backpropagating through every step would keep `steps` forwards' activations per unit (and,
+    through a cache with gradient, send each unit's gradient into every earlier unit); one exit keeps one forward per
+    unit -- a unit's tokens against the detached cache, about the memory of one teacher-forced pass over the clip,
+    whatever `steps`. Random exits train the finish from every point of the step grid: exit 0 is the one-step
+    generator, exits at the last step the `steps`-step one; other step counts at inference reach the grid's times
+    by other paths, untrained."""
+    n_units = len(stream_layout(kind, frames, frames, side, **unit_kw))
+    exits = torch.randint(0, steps, (n_units,), generator=generator, device=generator.device).tolist()
+    return generate_student(model, prompts, frames, frames, side, channels, generator, kind, unit_kw, steps,
+                            cfg_scale=1.0, progress=False, shift=shift, exits=exits)
+
+
+def real_x0(teacher, pos, unit, prompts, cfg_scale):
+    """s_real: the frozen full-attention teacher with classifier-free guidance (the only guided score), as
+    (x_t [B,L,c], t [B,L]) -> x0 [B,L,c]. Full attention makes the token order irrelevant, so it reads the clip in the
+    generator's unit layout (pos, unit) like the fake scorers."""
+    def x0(x_t, t):
+        b = len(x_t)
+        prompt_in, drop = cfg_batch(prompts, b, cfg_scale, x_t.device)
+        return denoised(x_t, guided_velocity(teacher, x_t, pos, unit, prompt_in, drop, t[:, 0], b, cfg_scale,
+                                             mask="full"), t)
+    return x0
+
+
+def fake_velocity(fakes, mask, pos, unit, prompts):
+    """One fake scorer (fakes[mask], attending under `mask` over the generator's units) as (x_t, t) -> v."""
+    return lambda x_t, t: fakes[mask](x_t, pos, unit, prompts, mask=mask, t=t)
+
+
+def fake_x0(fakes, rule, pos, unit, prompts):
+    """s_gen under a --dmd-fake rule, as (x_t [B,L,c], t [B,L]) -> x0 [B,L,c]: each scorer's x0, then `combine`."""
+    return lambda x_t, t: combine({m: denoised(x_t, fake_velocity(fakes, m, pos, unit, prompts)(x_t, t), t)
+                                   for m in fake_masks(rule)}, rule)
 
 
 # ------------------------------------------------------------------------- exact two-unit Gaussian "video"
@@ -112,8 +191,7 @@ def gaussian_fixed_point(rule, target_mean, target_cov, steps=1500, batch=4096, 
         with torch.no_grad():
             mean, cov = moments(p.detach())
             real = causal_x0(target_mean, target_cov, x_t, t, "full")
-            masks = ("forward", "backward") if rule == "symmetric" else (rule,)
-            gen = combine({m: causal_x0(mean, cov, x_t, t, m) for m in masks}, rule)
+            gen = combine({m: causal_x0(mean, cov, x_t, t, m) for m in fake_masks(rule)}, rule)
             grad = dmd_gradient(x, real, gen)
         opt.zero_grad()
         dmd_loss(x, grad).backward()

@@ -19,6 +19,7 @@ Reading guide (paper -> code):
   * AdaLN conditioning on the prompt with a learned null condition for CFG (DiT, Peebles & Xie 2023), plus a
     per-token flow-matching time for paper B (units may sit at different noise levels), shifted toward high noise
     by `shift_time` (SD3). Prompts are digits, ordered left to right (`Transformer.condition`).
+  * Flow matching (paper B; one convention everywhere): `flow_pair` (x_t and the velocity target), `flow_times`.
 Shapes: B batch, L tokens, C model width, H heads, D head dim, c latent channels.
 """
 import math
@@ -287,6 +288,25 @@ def shift_time(t, shift):
     background with a few high-magnitude ink cells, so its digits stay visible through moderate noise and are only
     decided near t = 1, where unshifted logit-normal times almost never train (P(t > 0.95) = 0.2%)."""
     return shift * t / (1 + (shift - 1) * t)
+
+
+def flow_pair(x0, t, generator):
+    """Flow matching (one convention everywhere): x_t = (1 - t) x0 + t eps, velocity v = eps - x0.
+    x0 [B,L,c], t [B,L] (or any x0 [B,...,c] with t [B,...]) -> (x_t, v)."""
+    eps = torch.randn(x0.shape, generator=generator, device=x0.device)
+    return (1 - t[..., None]) * x0 + t[..., None] * eps, eps - x0
+
+
+def flow_times(shape, kind, generator, device, shift=1.0):
+    """Training flow times [*shape] in (0, 1): uniform, or logit-normal (sigmoid of N(0, 1); SD3, Esser et al. 2024),
+    which spends most samples at mid noise levels; then shifted toward high noise by `shift` (shift_time)."""
+    if kind == "uniform":
+        t = torch.rand(shape, generator=generator, device=device)
+    elif kind == "logitnormal":
+        t = torch.sigmoid(torch.randn(shape, generator=generator, device=device))
+    else:
+        raise ValueError(f"--fm-time must be uniform or logitnormal, got {kind!r}")
+    return shift_time(t, shift)
 
 
 def timestep_embedding(t, dim):

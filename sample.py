@@ -83,10 +83,12 @@ def generate_ar(model, tok, prompts, frames, generator, cfg_scale=3.0, cfg_sched
 
 
 def guided_velocity(model, x, pos, unit, prompt_in, drop, t, b, cfg_scale, **kw):
-    """One model call on the CFG-doubled batch -> guided velocity [b,L,c]: v_uncond + w (v_cond - v_uncond)."""
+    """One model call on the CFG-doubled batch -> guided velocity [b,L,c]: v_uncond + w (v_cond - v_uncond).
+    t: the flow time of every token, a number, or one per clip [b] (DMD's noise levels)."""
     doubled = len(prompt_in) > b
+    t_BL = torch.as_tensor(t, dtype=torch.float32, device=x.device).expand(b)[:, None].expand(b, x.shape[1])
     v = model(torch.cat([x, x]) if doubled else x, pos, unit, prompt_in, drop=drop,
-              t=torch.full((len(prompt_in), x.shape[1]), t, device=x.device), **kw)
+              t=torch.cat([t_BL, t_BL]) if doubled else t_BL, **kw)
     return v[b:] + cfg_scale * (v[:b] - v[b:]) if doubled else v
 
 
@@ -132,14 +134,19 @@ def stream_layout(kind, frames, chunk, side, **kw):
     return units
 
 
-@torch.no_grad()
 def generate_student(model, prompts, frames, chunk, side, channels, generator, kind="cube", unit_kw=None, steps=4,
-                     cfg_scale=3.0, context=None, context_len=0, progress=True, on_unit=None, shift=1.0):
+                     cfg_scale=3.0, context=None, context_len=0, progress=True, on_unit=None, shift=1.0, exits=None):
     """Paper B streaming generation (Sec. 3.4): unit by unit, `steps` Euler steps each, attending to the KV cache
     of the clean earlier units without writing to it; then one clean re-forward (t=0) writes the finished unit.
     context_len > 0 keeps only that many units in the cache (rolling: the oldest are evicted), so time and memory
     per unit stay constant however long the video. context: scaled z [B,c,t_ctx,h,w] of given frames; units lying
-    wholly inside them are teacher-forced. Returns z [B,c,frames,h,w]; on_unit(i, cache) is called after each unit."""
+    wholly inside them are teacher-forced. Returns z [B,c,frames,h,w]; on_unit(i, cache) is called after each unit.
+
+    The causal student, the DMD generator at inference and the DMD generator in training (dmd.rollout) all run
+    here. exits (training): per generated unit, the Euler step j at which it stops and jumps straight to t = 0,
+    x0 = x_t_j - t_j v (the last step's Euler update is exactly this jump); that one forward carries the gradient
+    (unless called under torch.no_grad), every other forward runs without. exits None (inference): all `steps`
+    steps, no gradient anywhere."""
     device = next(model.parameters()).device
     unit_kw = unit_kw or {}
     scales = unit_kw.get("scales", ())
@@ -150,6 +157,8 @@ def generate_student(model, prompts, frames, chunk, side, channels, generator, k
     z = torch.zeros(b, channels, frames, side, side, device=device)
     ctx_frames = 0 if context is None else context.shape[2]
     ts = shift_time(torch.linspace(1, 0, steps + 1), shift).tolist()
+    n_generated = 0                            # units generated so far (not teacher-forced): indexes exits
+    grad = exits is not None and torch.is_grad_enabled()   # called under no_grad: the same clip, no graph
     for i, (pos, order, c0, n, u) in enumerate(tqdm(stream_layout(kind, frames, chunk, side, **unit_kw),
                                                      desc="units", disable=not progress)):
         pos = pos.to(device)
@@ -160,12 +169,17 @@ def generate_student(model, prompts, frames, chunk, side, channels, generator, k
         else:
             x = torch.randn(b, len(pos), channels, generator=generator, device=device)
             noisy = torch.ones(len(pos), dtype=torch.bool, device=device)
-            for t, t_next in zip(ts, ts[1:]):
-                v = guided_velocity(model, x, pos, unit, prompt_in, drop, t, b, cfg_scale, mask="forward",
-                                    noisy=noisy, cache=cache)
+            stop = steps - 1 if exits is None else int(exits[n_generated])
+            n_generated += 1
+            for j in range(stop + 1):
+                t, t_next = ts[j], ts[j + 1] if j < stop else 0.0        # exiting at step j: straight to t = 0
+                with torch.set_grad_enabled(grad and j == stop):
+                    v = guided_velocity(model, x, pos, unit, prompt_in, drop, t, b, cfg_scale, mask="forward",
+                                        noisy=noisy, cache=cache)
                 x = x + (t_next - t) * v
-        model(torch.cat([x, x]) if doubled else x, pos, unit, prompt_in, drop=drop,
-              t=torch.zeros(len(prompt_in), len(pos), device=device), mask="forward", cache=cache, append=True)
+        with torch.no_grad():   # the cache holds the finished unit detached: no gradient reaches earlier units
+            model(torch.cat([x, x]) if doubled else x, pos, unit, prompt_in, drop=drop,
+                  t=torch.zeros(len(prompt_in), len(pos), device=device), mask="forward", cache=cache, append=True)
         if order is not None:
             z.view(b, channels, -1)[:, :, order.to(device)] = x.transpose(1, 2)
         elif u == len(scales) - 1:             # the finest scale unit of a chunk is the latent itself

@@ -22,10 +22,11 @@ from tqdm import tqdm
 
 import data
 from config import Config, autocast, config_from_args, load_checkpoint, parser, save_checkpoint, seed_everything
-from model import Transformer, ar_sequence, frame_scale_layout, partition, shift_time, unit_layout
+from model import Transformer, ar_sequence, flow_pair, flow_times, frame_scale_layout, partition, unit_layout
 from tokenizer import LatentStats, Tokenizer
 
-STAGES = ["tokenizer", "ar", "teacher", "causal"]
+STAGES = ["tokenizer", "ar", "teacher", "causal", "dmd"]
+QUICKSTART = STAGES[:4]     # --stage all; dmd runs on its own command (README)
 TOKENIZER_KEYS = ["size", "ft", "down", "patch", "width", "z_channels", "vocab", "scales"]
 MODEL_KEYS = TOKENIZER_KEYS + ["dim", "depth", "heads", "num_digits", "ordered_prompt"]
 
@@ -485,25 +486,6 @@ def train_ar(cfg, args, digits, out, tok):
 
 
 # ------------------------------------------------------------------------ paper B: teacher and causal student
-def flow_pair(x0, t, generator):
-    """Flow matching (one convention everywhere): x_t = (1 - t) x0 + t eps, velocity v = eps - x0.
-    x0 [B,L,c], t [B,L] -> (x_t, v)."""
-    eps = torch.randn(x0.shape, generator=generator, device=x0.device)
-    return (1 - t[..., None]) * x0 + t[..., None] * eps, eps - x0
-
-
-def flow_times(shape, kind, generator, device, shift=1.0):
-    """Training flow times [*shape] in (0, 1): uniform, or logit-normal (sigmoid of N(0, 1); SD3, Esser et al. 2024),
-    which spends most samples at mid noise levels; then shifted toward high noise by `shift` (model.shift_time)."""
-    if kind == "uniform":
-        t = torch.rand(shape, generator=generator, device=device)
-    elif kind == "logitnormal":
-        t = torch.sigmoid(torch.randn(shape, generator=generator, device=device))
-    else:
-        raise ValueError(f"--fm-time must be uniform or logitnormal, got {kind!r}")
-    return shift_time(t, shift)
-
-
 def measure_latent(tok, cfg, digits, device, n=64):
     """LatentStats of z over n training clips (tokenizer.LatentStats; --fm-norm)."""
     if cfg.fm_norm not in ("channel", "global"):
@@ -515,13 +497,13 @@ def measure_latent(tok, cfg, digits, device, n=64):
 
 
 def load_flow(ckpt_dir, stage, device="cpu", tok=None):
-    """The teacher or the causal student of a run, with its config and LatentStats (given `tok`, refused if
+    """The teacher, the causal student or the DMD generator of a run, with its config and LatentStats (given `tok`, refused if
     trained on another tokenizer)."""
     state = load_checkpoint(Path(ckpt_dir) / f"{stage}.pt")
     check_tokenizer(state, tok, Path(ckpt_dir) / f"{stage}.pt")
     cfg = Config(**state["config"])
     model = Transformer(cfg.model_config())
-    model.load_state_dict(state["model"])
+    model.load_state_dict(state.get("ema", state["model"]))   # the DMD generator's averaged weights (train.EMA)
     return model.to(device).eval(), cfg, LatentStats.from_state(state["z_stats"])
 
 
@@ -615,6 +597,102 @@ def train_flow(cfg, args, digits, out, tok, stage):
     return model.eval()
 
 
+def train_dmd(cfg, args, digits, out, tok):
+    """Paper B Sec. 3.3, its stage 2: Symmetric DMD (dmd.py) distils the causal student into a few-step streaming
+    generator. One step = --dmd-critic fake-scorer updates, then one generator update (dmd.py's docstring).
+
+    generator: initialised from the causal student (causal.pt), trained through its own rollout (dmd.rollout);
+    real scorer: the frozen teacher (teacher.pt), full attention, guided by --dmd-cfg;
+    fake scorers: one per mask of --dmd-fake (dmd.fake_masks), each starting from the teacher's weights -- the
+    teacher learnt exactly their task, whole clips noised to one level (the student saw clean contexts) -- and
+    fine-tuned by flow matching on the generator's clips.
+    No data is read: DMD needs prompts only (random digits, as sample.py draws them). The moving average of the
+    generator (--dmd-ema) is what load_flow, the sample GIF and sample.py --method dmd use."""
+    import dmd   # dmd.py builds on sample.py, which imports this module's loaders
+    device, path, steps = args.device, out / "dmd.pt", cfg.dmd_steps
+    if cfg.unit == "scale":
+        raise ValueError("--stage dmd needs frame, keydetail or cube units: the teacher scores the finest latent, "
+                         "which scale units only reach at their last unit")
+    generator = Transformer(cfg.model_config()).to(device)
+    opt = torch.optim.AdamW(generator.parameters(), lr=cfg.dmd_lr, betas=(0.9, 0.95), weight_decay=0.05)
+    masks = dmd.fake_masks(cfg.dmd_fake)
+    scorers = torch.nn.ModuleList(Transformer(cfg.model_config()) for _ in masks).to(device)
+    fakes = dict(zip(masks, scorers))                      # mask -> its fake scorer
+    fake_opt = torch.optim.AdamW(scorers.parameters(), lr=cfg.dmd_fake_lr, betas=(0.9, 0.95), weight_decay=0.05)
+    student_keys = MODEL_KEYS + ["frames", "fm_patch", "unit", "stride", "cube"]
+    step, state = resume(path, cfg, student_keys + ["dmd_fake"], generator, opt, "dmd", steps, tok)
+    if state is None:   # a fresh start: the generator is the causal student
+        student = load_checkpoint(out / "causal.pt", cfg, student_keys)
+        check_tokenizer(student, tok, out / "causal.pt")
+        generator.load_state_dict(student["model"])
+    ema = EMA(generator, cfg.dmd_ema)
+    if state is not None and cfg.dmd_ema > 0:
+        ema.model.load_state_dict(state["ema"])
+    if step >= steps:
+        return ema.model.eval()
+    teacher_state = load_checkpoint(out / "teacher.pt", cfg, MODEL_KEYS + ["fm_patch"])
+    check_tokenizer(teacher_state, tok, out / "teacher.pt")
+    if state is None:   # ... and the fake scorers start as the teacher
+        for scorer in scorers:
+            scorer.load_state_dict(teacher_state["model"])
+    else:
+        scorers.load_state_dict(state["fakes"])
+        fake_opt.load_state_dict(state["fake_opt"])
+    stats = LatentStats.from_state(student["z_stats"] if state is None else state["z_stats"])
+    teacher = Transformer(cfg.model_config())
+    teacher.load_state_dict(teacher_state["model"])
+    teacher = teacher.to(device).eval().requires_grad_(False)
+    tok = tok.to(device).eval().requires_grad_(False)
+    tok_id = tokenizer_id(tok)
+    channels, side = stats.shape(cfg.z_channels, tok.latent_side)
+    frames = 1 + (cfg.frames - 1) // cfg.ft
+    order, pos, unit = unit_layout(cfg.unit, frames, side, **cfg.unit_kwargs())
+    pos, unit = pos.to(device), unit.to(device)
+
+    def clip(prompts, gen):   # the generator's clip in its unit layout [B,L,c]; gradient as the caller's context
+        z = dmd.rollout(generator, prompts, frames, side, channels, gen, cfg.unit, cfg.unit_kwargs(),
+                        cfg.dmd_unit_steps, cfg.fm_shift)
+        return partition(z, order)
+
+    def prompts(gen):
+        return torch.randint(0, 10, (cfg.fm_batch, cfg.num_digits), generator=gen, device=device)
+
+    curve = Curve(out, "dmd", args, state, cfg, digits)
+    bar = tqdm(range(step, steps), desc="dmd", initial=step, total=steps, dynamic_ncols=True)
+    for step in bar:
+        gen = torch.Generator(device).manual_seed(batch_seed(args.seed, "dmd", step))
+        for _ in range(cfg.dmd_critic):   # the fake scorers follow the generator's current clips
+            p = prompts(gen)
+            with autocast(device, args.precision):
+                with torch.no_grad():
+                    x0 = clip(p, gen)
+                t = flow_times((len(x0), 1), cfg.fm_time, gen, device, cfg.fm_shift).expand(-1, x0.shape[1])
+                fake_loss = sum(dmd.flow_matching_loss(dmd.fake_velocity(fakes, m, pos, unit, p), x0, t, gen)
+                                for m in fakes) / len(fakes)
+            optimize(scorers, fake_opt, fake_loss, lr_at(step, steps, cfg.dmd_fake_lr))
+        p = prompts(gen)
+        with autocast(device, args.precision):
+            x = clip(p, gen)
+            t = dmd.noise_levels(len(x), cfg.dmd_t_min, cfg.dmd_t_max, gen, device)[:, None].expand(-1, x.shape[1])
+            loss, _ = dmd.distribution_matching_loss(x, t, dmd.real_x0(teacher, pos, unit, p, cfg.dmd_cfg),
+                                                     dmd.fake_x0(fakes, cfg.dmd_fake, pos, unit, p), gen)
+        optimize(generator, opt, loss, lr_at(step, steps, cfg.dmd_lr))
+        ema.update(generator, step)
+        bar.set_postfix(loss=f"{loss.item():.4f}", fake=f"{fake_loss.item():.4f}")
+        log(out, stage="dmd", step=step + 1, loss=loss.item(), fake_loss=fake_loss.item())
+        save, stop = end_of_step(args, bar, step, steps, cfg.eval_every)
+        if save:
+            save_stage(path, cfg, generator, opt, step + 1, ema=ema.model.state_dict(), fakes=scorers.state_dict(),
+                       fake_opt=fake_opt.state_dict(), z_stats=stats.state(), tokenizer_id=tok_id,
+                       train_s=curve.train_s())
+            curve.point(bar, step + 1, cfg.frames,
+                        lambda prompts, gen, f: sample_stage("dmd", ema.model, cfg, tok, stats, prompts, gen, f, args))
+        if stop:
+            stop_now(bar, "dmd", args)
+    curve.write()
+    return ema.model.eval()
+
+
 # ---------------------------------------------------------------------------------------------------- main
 def main(argv=None):
     p = parser(__doc__.split("\n")[0])
@@ -636,7 +714,7 @@ def main(argv=None):
     seed_everything(args.seed)
     digits = data.load_digits(cfg.data_dir or None)
     print(f"[data] digits: {data_source_line(digits)}")
-    stages = STAGES if args.stage == "all" else [args.stage]
+    stages = QUICKSTART if args.stage == "all" else [args.stage]
     t0 = time.time()
     tok = None
     for stage in stages:
@@ -648,14 +726,17 @@ def main(argv=None):
             write_sample_gif(cfg, args, out, stage, tok)
         else:
             tok = tok or load_tokenizer(out, args.device)[0]
-            train_flow(cfg, args, digits, out, tok, stage)
+            if stage == "dmd":
+                train_dmd(cfg, args, digits, out, tok)
+            else:
+                train_flow(cfg, args, digits, out, tok, stage)
             write_sample_gif(cfg, args, out, stage, tok)
     print(f"[train] done in {time.time() - t0:.0f} s; outputs in {out}/")
 
 
 @torch.no_grad()
 def sample_stage(stage, model, cfg, tok, stats, prompts, generator, frames, args):
-    """Prompted samples of a generator stage ('ar', 'teacher' or 'causal') at its default sampler settings ->
+    """Prompted samples of a generator stage ('ar', 'teacher', 'causal' or 'dmd') at its default sampler settings ->
     uint8 clips [N,frames,H,W]; stats: the flow models' LatentStats (None for 'ar')."""
     from sample import generate_ar, generate_student, generate_teacher, stream_layout
     was_training = model.training
@@ -669,12 +750,13 @@ def sample_stage(stage, model, cfg, tok, stats, prompts, generator, frames, args
         elif stage == "teacher":
             z = stats.denormalize(generate_teacher(model, prompts, t, side, channels, generator, progress=False,
                                                     shift=cfg.fm_shift))
-        else:
+        else:   # the causal student (4 guided steps per unit), or the DMD generator (its steps, guidance distilled)
             chunk = 1 + (cfg.frames - 1) // cfg.ft
             units = len(stream_layout(cfg.unit, chunk, chunk, side, **cfg.unit_kwargs()))
+            steps, cfg_scale = (cfg.dmd_unit_steps, 1.0) if stage == "dmd" else (4, 3.0)
             z = stats.denormalize(generate_student(model, prompts, t, chunk, side, channels, generator, cfg.unit,
-                                                   cfg.unit_kwargs(), context_len=units - 1, progress=False,
-                                                   shift=cfg.fm_shift))
+                                                   cfg.unit_kwargs(), steps, cfg_scale, context_len=units - 1,
+                                                   progress=False, shift=cfg.fm_shift))
         video = data.from_model(tok.decode(z), squeeze=False)[..., 0]
     model.train(was_training)
     return video
