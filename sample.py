@@ -2,6 +2,7 @@
 
   python sample.py --ckpt runs/toy --method ar --prompt "3 7" --num 8 --gif out.gif     # paper A
   python sample.py --ckpt runs/toy --method ar --context clips.npy --context-frames 5 --npy out.npy
+  python sample.py --ckpt runs/toy --method dmd --steps 2 --prompt "3 7" --gif out.gif  # paper B, after --stage dmd
   python sample.py --ckpt runs/toy --reconstruct IN.npy --npy OUT.npy   # tokenizer round trip, same shape/dtype
 """
 import sys
@@ -196,18 +197,21 @@ def build_parser():
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0], allow_abbrev=False,
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--ckpt", required=True, help="run directory written by train.py")
-    p.add_argument("--method", choices=["ar", "teacher", "student"], help="ar: paper A (next-scale in a frame, "
-                   "next-frame across frames); teacher: paper B's full-attention flow model; student: paper B's "
-                   "causal model, unit by unit with a KV cache")
+    p.add_argument("--method", choices=["ar", "teacher", "student", "dmd"], help="ar: paper A (next-scale in a "
+                   "frame, next-frame across frames); teacher: paper B's full-attention flow model; student: paper B's "
+                   "causal model, unit by unit with a KV cache; dmd: the student distilled by Symmetric DMD "
+                   "(train.py --stage dmd), streamed the same way in a few steps per unit")
     p.add_argument("--steps", type=int, default=0, help="Euler steps (teacher: whole clip, default 25; "
-                   "student: per unit, default 4)")
+                   "student: per unit, default 4; dmd: per unit, default the --dmd-unit-steps it was trained with, the count "
+                   "it learnt besides 1)")
     p.add_argument("--context-len", type=int, default=-1, help="student: units kept in the rolling KV cache "
                    "(-1: one trained clip's units minus one; 0: all)")
     p.add_argument("--prompt", help='digits the clips should show, left to right as they start (models trained '
                    'with ordered prompts, the default), e.g. "3 7" (default: random digits per clip)')
     p.add_argument("--num", type=int, default=8, help="number of clips")
     p.add_argument("--frames", type=int, default=0, help="video frames, 1 + ft*k (default: the trained length)")
-    p.add_argument("--cfg", type=float, default=3.0, help="classifier-free guidance weight (1 = off)")
+    p.add_argument("--cfg", type=float, default=None, help="classifier-free guidance weight (1 = off; default 3, "
+                   "and 1 for dmd, whose generator learnt the guided real score)")
     p.add_argument("--cfg-schedule", choices=["constant", "linear"], default="constant",
                    help="CFG weight over scales: constant, or rising linearly to --cfg at the last scale")
     p.add_argument("--temperature", type=float, default=1.0, help="sampling temperature")
@@ -259,7 +263,9 @@ def main(argv=None):
         write_outputs(args, out)
         return 0
     if args.method is None:
-        p.error("say what to do: --method ar|teacher|student, or --reconstruct IN.npy")
+        p.error("say what to do: --method ar|teacher|student|dmd, or --reconstruct IN.npy")
+    if args.cfg is None:
+        args.cfg = 1.0 if args.method == "dmd" else 3.0
     with autocast(args.device, args.precision):
         video, prompts = run_ar(p, args) if args.method == "ar" else run_flow(p, args)
     write_outputs(args, video, prompts)
@@ -308,9 +314,10 @@ def finish(video, clip, prompts):
 
 
 def run_flow(p, args):
-    """--method teacher | student -> (uint8 [N,T,H,W], prompts or None)."""
+    """--method teacher | student | dmd -> (uint8 [N,T,H,W], prompts or None). The student and the DMD generator
+    stream alike (generate_student); they differ in weights, steps per unit and guidance."""
     tok, _ = load_tokenizer(args.ckpt, args.device)
-    stage = "teacher" if args.method == "teacher" else "causal"
+    stage = {"teacher": "teacher", "student": "causal", "dmd": "dmd"}[args.method]
     model, cfg, stats = load_flow(args.ckpt, stage, args.device, tok)
     gen = torch.Generator(args.device).manual_seed(args.seed)
     frames, clip, z_ctx = frames_and_context(p, args, cfg, tok)
@@ -320,7 +327,7 @@ def run_flow(p, args):
     prompts = parse_prompts(p, args, n, cfg.num_digits, gen).to(args.device) if (args.prompt or clip is None) else None
     if args.method == "teacher":
         if clip is not None:
-            p.error("--context needs --method student (the teacher generates whole clips)")
+            p.error("--context needs --method student or dmd (the teacher generates whole clips)")
         z = generate_teacher(model, prompts, latent, side, c, gen, args.steps or 25, args.cfg, shift=cfg.fm_shift)
     else:
         chunk = 1 + (cfg.frames - 1) // cfg.ft
@@ -328,7 +335,8 @@ def run_flow(p, args):
         context_len = n_units - 1 if args.context_len < 0 else args.context_len
         try:
             z = generate_student(model, prompts, latent, chunk, side, c, gen, cfg.unit, cfg.unit_kwargs(),
-                                 args.steps or 4, args.cfg, None if z_ctx is None else stats.normalize(z_ctx),
+                                 args.steps or (cfg.dmd_unit_steps if stage == "dmd" else 4), args.cfg,
+                                 None if z_ctx is None else stats.normalize(z_ctx),
                                  context_len, shift=cfg.fm_shift)
         except ValueError as e:
             p.error(str(e))
