@@ -19,6 +19,13 @@ def run(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
+def dmd_run(run):
+    """The quickstart's run, then the dmd stage on its own command (it is not part of --stage all)."""
+    train.main(["--config", "tiny", "--stage", "dmd", "--device", "cpu", "--out", str(run)])
+    return run
+
+
+@pytest.fixture(scope="module")
 def small_nets(digits, tmp_path_factory):
     cfg = E.EvalNetConfig(width=8, steps=20, batch=16, clip_width=4, clip_steps=20, clip_batch=8)
     return E.load_nets(cfg, tmp_path_factory.mktemp("nets"), digits=digits)
@@ -28,10 +35,27 @@ def test_quickstart_writes_every_stage_and_a_sample_gif(run):
     for f in ("tokenizer.pt", "ar.pt", "teacher.pt", "causal.pt", "tokenizer.gif", "sample_ar.gif", "sample_ar.txt",
               "sample_teacher.gif", "sample_causal.gif", "sample_causal.txt"):
         assert (run / f).exists(), f
+    assert not (run / "dmd.pt").exists()
 
 
-@pytest.mark.parametrize("method", ["ar", "teacher", "student"])
-def test_sample_writes_clips_and_their_prompts(run, tmp_path, method):
+def test_dmd_stage_writes_its_checkpoint_log_and_sample_gif(dmd_run):
+    rows = [json.loads(line) for line in (dmd_run / "log.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows if r.get("stage") == "dmd"] == [1, 2, 3, 4]       # tiny: 4 generator updates
+    for f in ("dmd.pt", "sample_dmd.gif", "sample_dmd.txt"):
+        assert (dmd_run / f).exists(), f
+    import torch
+    state = torch.load(dmd_run / "dmd.pt", weights_only=False)
+    student = torch.load(dmd_run / "causal.pt", weights_only=False)["model"]
+    model = train.load_flow(dmd_run, "dmd")[0]         # what sample.py --method dmd streams: the generator's average
+    assert all(torch.equal(v, state["ema"][k]) for k, v in model.state_dict().items())
+    assert any(not torch.equal(v, state["model"][k]) for k, v in state["ema"].items())
+    assert any(not torch.equal(v, student[k]) for k, v in state["ema"].items())        # DMD moved it
+
+
+@pytest.mark.parametrize("method", ["ar", "teacher", "student", "dmd"])
+def test_sample_writes_clips_and_their_prompts(run, tmp_path, method, request):
+    if method == "dmd":
+        request.getfixturevalue("dmd_run")
     npy = tmp_path / f"{method}.npy"
     sample.main(["--ckpt", str(run), "--method", method, "--num", "3", "--prompt", "3 7", "--npy", str(npy),
                  "--gif", str(tmp_path / f"{method}.gif"), "--steps", "2", "--device", "cpu"])
