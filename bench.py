@@ -133,7 +133,7 @@ def main(argv=None):
           f"{cfg.frames} frames of {cfg.size}x{cfg.size}, latent {t}x{side}x{side}x{c}, scales {tok.scales}, "
           f"model dim {cfg.dim} depth {cfg.depth}")
     print("fwd/frame: transformer forward passes per video frame (ar: K scales per latent frame; teacher: one per "
-          "step for the whole clip; student: (steps + 1 clean re-forward) per unit)")
+          "step for the whole clip; student and dmd: (steps + 1 clean re-forward) per unit)")
     print(f"{'what':40s} {'s/call':>8s} {'frames/s':>9s} {'GFLOP/s':>8s} {'of peak':>8s} {'fwd/frame':>9s} {'peak MB':>8s}")
 
     def row(name, fn, frames, fwd_per_frame=""):
@@ -159,6 +159,12 @@ def main(argv=None):
             lambda: tok.decode(fstats.denormalize(generate_student(flow, prompts, t, t, fside, fc, gen, cfg.unit,
                                                                    cfg.unit_kwargs(), 4, progress=False))),
             n * cfg.frames, f"{units * 5 / cfg.frames:.2f}")
+        for steps in (1, 4):   # the DMD generator: the student's architecture and sampler, few steps, no CFG
+            row(f"sample dmd {cfg.unit} {steps} steps (no CFG)",
+                lambda: tok.decode(fstats.denormalize(generate_student(flow, prompts, t, t, fside, fc, gen, cfg.unit,
+                                                                       cfg.unit_kwargs(), steps, cfg_scale=1.0,
+                                                                       progress=False))),
+                n * cfg.frames, f"{units * (steps + 1) / cfg.frames:.2f}")
     b = cfg.ar_batch
     for name, (fn, frames) in train_steps(cfg, tok.train(), ar, flow, device, b, amp, fstats).items():
         row(f"{name} (batch {b}, fwd+bwd)", fn, frames)
