@@ -1,4 +1,4 @@
-"""Paper B Sec. 3.3: Symmetric Distribution Matching Distillation (the math; issue 17 wires it into train.py).
+"""Paper B Sec. 3.3: Symmetric Distribution Matching Distillation (train.py --stage dmd runs it).
 
 DMD (Yin et al. 2024) trains a few-step generator G so that the distribution of its samples matches the data's,
 by descending the reverse KL divergence KL(p_gen || p_data). Its gradient (paper B, Eq. 2) is
@@ -21,9 +21,9 @@ the data look like (x0_real).
 
 Symmetric DMD: the generated-data scorer is a replica of the causal generator, twice: one forward-masked (a unit
 sees the units before it) and one backward-masked (a unit sees the units after it), each trained by flow matching
-on generated clips (to come with the dmd stage of train.py). Paper B says the pair "together" is s_gen and gives no formula; here the two
-scorers' denoised estimates are averaged per token, x0_gen = (x0_fwd + x0_bwd) / 2 (`combine`), which is averaging
-their scores at the same x_t and t.
+on generated clips (the same transformer as the generator; train.train_dmd starts them from the teacher's weights).
+Paper B says the pair "together" is s_gen and gives no formula; here the two scorers' denoised estimates are averaged
+per token, x0_gen = (x0_fwd + x0_bwd) / 2 (`combine`), which is averaging their scores at the same x_t and t.
 
 Training (train.py --stage dmd), per generator update:
   1. `dmd_critic` times: a generator clip without gradient (`rollout`), and one flow-matching step of the fake

@@ -1,7 +1,8 @@
 """Training, every stage behind one command:
 
-  python train.py --config toy                    # every stage in order, each generator ending with a sample GIF
+  python train.py --config toy                    # tokenizer to causal in order, each generator ending with a GIF
   python train.py --config toy --stage tokenizer  # one stage
+  python train.py --config toy --stage dmd        # paper B's Symmetric DMD, after causal (not part of the above)
 
 Stages write to --out (default runs/<config>): <stage>.pt (atomic checkpoint, config inside), log.jsonl and GIFs.
 Re-running a command resumes from its checkpoint exactly (same batches, same RNG), or skips a finished stage.
@@ -696,7 +697,8 @@ def train_dmd(cfg, args, digits, out, tok):
 # ---------------------------------------------------------------------------------------------------- main
 def main(argv=None):
     p = parser(__doc__.split("\n")[0])
-    p.add_argument("--stage", choices=STAGES + ["all"], default="all", help="which stage to train")
+    p.add_argument("--stage", choices=STAGES + ["all"], default="all", help="which stage to train (all: every stage "
+                   "but dmd, which runs on its own command after causal)")
     p.add_argument("--out", default=None, help="run directory (default runs/<config>)")
     p.add_argument("--compile", action="store_true", help="torch.compile the training forward passes (for GPUs; on a "
                    "CPU the compile time outweighs the gain in a toy run)")
