@@ -22,8 +22,21 @@ the data look like (x0_real).
 Symmetric DMD: the generated-data scorer is a replica of the causal generator, twice: one forward-masked (a unit
 sees the units before it) and one backward-masked (a unit sees the units after it), each trained by flow matching
 on generated clips (the same transformer as the generator; train.train_dmd starts them from the teacher's weights).
-Paper B says the pair "together" is s_gen and gives no formula; here the two scorers' denoised estimates are averaged
-per token, x0_gen = (x0_fwd + x0_bwd) / 2 (`combine`), which is averaging their scores at the same x_t and t.
+Paper B says the pair "together" is s_gen and gives no formula; `--dmd-fake symmetric` averages the two scorers'
+denoised estimates per token, x0_gen = (x0_fwd + x0_bwd) / 2 (`combine`), which is averaging their scores at the
+same x_t and t.
+
+Beyond the paper: neither causal scorer sees what the real scorer sees (the whole clip), and on a Gaussian video
+with exact scores the forward, backward and averaged rules all converge to an inflated covariance (`python dmd.py`).
+`--dmd-fake composed` adds a third scorer that sees only its own unit (mask 'unit') and composes the three:
+
+    x0_gen = x0_fwd + x0_bwd - x0_unit
+
+For a Markov chain of units (past and future independent given unit k), log p(x) differentiated in unit k is
+d/dx_k [log p(x_{<=k}) + log p(x_{>=k}) - log p(x_k)]; a score is linear in the denoised estimate at fixed x_t and t
+(s = ((1 - t) x0 - x_t) / t^2, and the x_t terms keep weight 1 + 1 - 1 = 1), so the same sum holds for x0. With
+two units it is exact (unit 1: forward = unit, so the sum is the backward scorer, which sees both; unit 2 the
+converse); with more it is exact for clean Markov data and close for noisy (measured below, `python dmd.py`).
 
 Training (train.py --stage dmd), per generator update:
   1. `dmd_critic` times: a generator clip without gradient (`rollout`), and one flow-matching step of the fake
@@ -38,7 +51,7 @@ import torch.nn.functional as F
 from model import flow_pair
 from sample import cfg_batch, generate_student, guided_velocity, stream_layout
 
-FAKE_RULES = ("full", "forward", "backward", "symmetric")
+FAKE_RULES = ("full", "forward", "backward", "symmetric", "composed")
 
 
 def denoised(x_t, v, t):
@@ -52,7 +65,7 @@ def fake_masks(rule):
     """The attention masks of the fake scorers a --dmd-fake rule runs (one scorer per mask)."""
     if rule not in FAKE_RULES:
         raise ValueError(f"--dmd-fake must be one of {', '.join(FAKE_RULES)}, got {rule!r}")
-    return ("forward", "backward") if rule == "symmetric" else (rule,)
+    return {"symmetric": ("forward", "backward"), "composed": ("forward", "backward", "unit")}.get(rule, (rule,))
 
 
 def combine(x0_by_scorer, rule):
@@ -61,6 +74,8 @@ def combine(x0_by_scorer, rule):
         raise ValueError(f"--dmd-fake must be one of {', '.join(FAKE_RULES)}, got {rule!r}")
     if rule == "symmetric":
         return 0.5 * (x0_by_scorer["forward"] + x0_by_scorer["backward"])
+    if rule == "composed":
+        return x0_by_scorer["forward"] + x0_by_scorer["backward"] - x0_by_scorer["unit"]
     return x0_by_scorer[rule]
 
 
@@ -147,7 +162,7 @@ def fake_x0(fakes, rule, pos, unit, prompts):
                                    for m in fake_masks(rule)}, rule)
 
 
-# ------------------------------------------------------------------------- exact two-unit Gaussian "video"
+# ------------------------------------------------------------------ exact Gaussian "video" of scalar units
 def gaussian_x0(mean, cov, x_t, t, visible):
     """Exact E[x0 | the noisy coordinates `visible` of x_t] for x0 ~ N(mean, cov), x_t = (1 - t) x0 + t eps:
     a scorer that sees only those units (its mask) and is trained to perfection. mean [d], cov [d,d], x_t [B,d],
@@ -160,54 +175,49 @@ def gaussian_x0(mean, cov, x_t, t, visible):
 
 
 def causal_x0(mean, cov, x_t, t, mask):
-    """Per unit, the estimate of a scorer under a mask over two units: 'full' sees both, 'forward' lets unit i see
-    units <= i, 'backward' units >= i (coordinates = units of a scalar video)."""
+    """Per unit, the estimate of a perfect scorer under `mask` (model.unit_mask's kinds) over d scalar units: 'full'
+    sees all, 'forward' lets unit i see units <= i, 'backward' units >= i, 'unit' only unit i. x_t [B,d] -> [B,d]."""
     d = len(mean)
     seen = {"full": lambda i: list(range(d)), "forward": lambda i: list(range(i + 1)),
-            "backward": lambda i: list(range(i, d))}[mask]
+            "backward": lambda i: list(range(i, d)), "unit": lambda i: [i]}[mask]
     return torch.stack([gaussian_x0(mean, cov, x_t, t, seen(i))[:, i] for i in range(d)], 1)
 
 
 def gaussian_fixed_point(rule, target_mean, target_cov, steps=1500, batch=4096, lr=0.02, seed=0):
-    """DMD of a causal linear-Gaussian generator x1 = p + q z1, x2 = r + u x1 + w z2 (any 2-D Gaussian) against the
-    exact full-attention real scorer of N(target_mean, target_cov) and exact generated-data scorers under `rule`.
-    Returns the generator's mean and covariance after `steps` Adam steps: where the rule's DMD converges."""
+    """DMD of a causal linear-Gaussian generator x = m + L z (L lower triangular: unit i depends on z_1..z_i only,
+    any d-dimensional Gaussian) against the exact full-attention real scorer of N(target_mean, target_cov) and
+    exact generated-data scorers under `rule`. Returns the generator's mean and covariance after `steps` Adam
+    steps: where the rule's DMD converges."""
+    d = len(target_mean)
     g = torch.Generator().manual_seed(seed)
-    p = torch.tensor([0.0, 1.0, 0.0, 0.0, 1.0], requires_grad=True)         # p, q, r, u, w
-    opt = torch.optim.Adam([p], lr=lr)
-
-    def moments(v):   # mean and covariance of (x1, x2)
-        pp, q, r, u, w = v
-        var1 = q * q
-        c = torch.stack([torch.stack([var1, u * var1]), torch.stack([u * var1, u * u * var1 + w * w])])
-        return torch.stack([pp, r + u * pp]), c
-
+    m, L = torch.zeros(d, requires_grad=True), torch.eye(d).requires_grad_()
+    opt = torch.optim.Adam([m, L], lr=lr)
     for _ in range(steps):
-        z = torch.randn(batch, 2, generator=g)
-        x1 = p[0] + p[1] * z[:, 0]
-        x = torch.stack([x1, p[2] + p[3] * x1 + p[4] * z[:, 1]], 1)
+        x = m + torch.randn(batch, d, generator=g) @ torch.tril(L).T                     # [B,d]
         t = noise_levels(batch, 0.02, 0.98, g)
-        x_t = (1 - t[:, None]) * x + t[:, None] * torch.randn(batch, 2, generator=g)
+        x_t = (1 - t[:, None]) * x + t[:, None] * torch.randn(batch, d, generator=g)
         with torch.no_grad():
-            mean, cov = moments(p.detach())
+            low = torch.tril(L)
             real = causal_x0(target_mean, target_cov, x_t, t, "full")
-            gen = combine({m: causal_x0(mean, cov, x_t, t, m) for m in fake_masks(rule)}, rule)
+            gen = combine({k: causal_x0(m, low @ low.T, x_t, t, k) for k in fake_masks(rule)}, rule)
             grad = dmd_gradient(x, real, gen)
         opt.zero_grad()
         dmd_loss(x, grad).backward()
         opt.step()
-    return moments(p.detach())
+    low = torch.tril(L.detach())
+    return m.detach(), low @ low.T
 
 
 def main():
-    """python dmd.py: where DMD's fake rules converge on a two-unit Gaussian video with exact scores."""
-    target_mean, target_cov = torch.tensor([0.0, 0.0]), torch.tensor([[1.0, 0.9], [0.9, 1.0]])
-    print(f"target covariance {target_cov.tolist()}")
-    print("| --dmd-fake | mean | covariance [[c11, c12], [c12, c22]] |\n|---|---|---|")
-    for rule in FAKE_RULES:
-        mean, cov = gaussian_fixed_point(rule, target_mean, target_cov)
-        print(f"| {rule} | {[round(v, 3) for v in mean.tolist()]} | "
-              f"{[[round(v, 3) for v in row] for row in cov.tolist()]} |", flush=True)
+    """python dmd.py: where DMD's fake rules converge on Gaussian videos of 2 and 3 scalar units with exact scores
+    (target: a Markov chain, covariance 0.9^|i-j|)."""
+    print("| units | --dmd-fake | max abs error of the covariance | covariance (rows) |\n|---|---|---|---|")
+    for d in (2, 3):
+        target_cov = torch.tensor([[0.9 ** abs(i - j) for j in range(d)] for i in range(d)])
+        for rule in FAKE_RULES:
+            _, cov = gaussian_fixed_point(rule, torch.zeros(d), target_cov)
+            print(f"| {d} | {rule} | {(cov - target_cov).abs().max():.3f} | "
+                  f"{[[round(v, 2) for v in row] for row in cov.tolist()]} |", flush=True)
 
 
 if __name__ == "__main__":

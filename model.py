@@ -46,20 +46,26 @@ class ModelConfig:
 
 
 # ------------------------------------------------------------------------------------- units and masks
+MASKS = ("full", "forward", "backward", "unit")
+
+
 def unit_mask(uq, uk, kind, noisy_q=None, noisy_k=None):
     """May query i attend to key j? uq [Lq], uk [Lk] unit order indices -> bool [Lq, Lk].
 
-    kind: 'full' (all see all), 'forward' (uk <= uq), 'backward' (uk >= uq). Inside a unit: bidirectional.
+    kind: 'full' (all see all), 'forward' (uk <= uq), 'backward' (uk >= uq), 'unit' (uk == uq: a unit sees only
+    itself; dmd.py's composed fake rule). Inside a unit: bidirectional.
     With noisy_q / noisy_k (bool flags; teacher forcing for paper B's causal student): a clean token follows
     `kind` among clean tokens; a noisy token sees the clean tokens of strictly earlier units and the noisy tokens
     of its own unit -- exactly what it sees at inference, where earlier units are clean in the KV cache.
     """
     uq, uk = uq[:, None], uk[None, :]
-    base = {"full": torch.ones_like(uq == uk), "forward": uk <= uq, "backward": uk >= uq}[kind]
+    if kind not in MASKS:
+        raise ValueError(f"unknown mask {kind!r}: choose from {', '.join(MASKS)}")
+    base = {"full": torch.ones_like(uq == uk), "forward": uk <= uq, "backward": uk >= uq, "unit": uk == uq}[kind]
     if noisy_q is None:
         return base
     nq, nk = noisy_q[:, None], noisy_k[None, :]
-    earlier = {"forward": uk < uq, "backward": uk > uq, "full": uk != uq}[kind]
+    earlier = {"forward": uk < uq, "backward": uk > uq, "full": uk != uq, "unit": torch.zeros_like(uq == uk)}[kind]
     return torch.where(nq, torch.where(nk, uk == uq, earlier), ~nk & base)
 
 
@@ -363,7 +369,7 @@ class Transformer(nn.Module):
         x      [B,L,c] token features (paper A: next-scale inputs; paper B: latent, noisy or clean)
         pos    [L,3]   physical (t,h,w);  unit [L] unit order index
         prompt [B,n]   digits;  drop [B] bool: use the null condition (CFG / condition dropout)
-        mask   'full' | 'forward' | 'backward' (or a ready bool mask [Lq,Lk] / [B,1,Lq,Lk])
+        mask   'full' | 'forward' | 'backward' | 'unit' (or a ready bool mask [Lq,Lk] / [B,1,Lq,Lk])
         t      [B,L]   flow time per token (paper B) or None;  noisy [L] bool: teacher-forcing layout (unit_mask)
         level  [L] long: scale index k of each token (paper A; 0 = the start token of a frame)
         hide   [B,Lq,Lk] bool: extra keys hidden per sample (paper A's Random Frame Mask)

@@ -57,6 +57,8 @@ def test_fake_rules():
     fwd, bwd = torch.randn(2, 3, 4).unbind(0)
     x0 = {"forward": fwd, "backward": bwd, "full": fwd + 1}
     torch.testing.assert_close(dmd.combine(x0, "symmetric"), (fwd + bwd) / 2)
+    assert dmd.fake_masks("composed") == ("forward", "backward", "unit")
+    torch.testing.assert_close(dmd.combine({**x0, "unit": fwd}, "composed"), bwd)
     assert dmd.combine(x0, "full") is x0["full"]
     with pytest.raises(ValueError, match="--dmd-fake"):
         dmd.combine(x0, "sideways")
@@ -79,6 +81,15 @@ def test_two_unit_gaussian_fixed_points():
     torch.testing.assert_close(got_mean, mean, atol=0.05, rtol=0)
     _, sym_cov = dmd.gaussian_fixed_point("symmetric", mean, cov, steps=600, batch=1024, lr=0.03)
     assert (sym_cov - cov).abs().max() > 0.2
+
+
+def test_composed_fake_rule_removes_most_of_the_causal_bias():
+    """Three units, a Markov target (covariance 0.9^|i-j|): the composed rule (forward + backward - own unit) lands
+    near the target where the symmetric average lands far off (python dmd.py: 0.11 against 0.71 at full length)."""
+    cov = torch.tensor([[0.9 ** abs(i - j) for j in range(3)] for i in range(3)])
+    err = {rule: (dmd.gaussian_fixed_point(rule, torch.zeros(3), cov, steps=300, batch=512, lr=0.03)[1] - cov)
+           .abs().max().item() for rule in ("composed", "symmetric")}
+    assert err["composed"] < 0.2 < 0.4 < err["symmetric"], err
 
 
 # ------------------------------------------------------------------- (c) a learned fake scorer: no mode collapse

@@ -45,6 +45,9 @@ def test_masks_follow_unit_order():
     assert torch.equal(unit_mask(u, u, "forward"), u[None, :] <= u[:, None])
     assert torch.equal(unit_mask(u, u, "backward"), u[None, :] >= u[:, None])
     assert unit_mask(u, u, "full").all()
+    assert torch.equal(unit_mask(u, u, "unit"), u[None, :] == u[:, None])
+    with pytest.raises(ValueError, match="unknown mask"):
+        unit_mask(u, u, "sideways")
     # teacher-forcing layout: noisy unit 1 sees clean unit 0 and noisy unit 1 only
     uu, noisy = torch.cat([u, u]), torch.tensor([False] * 5 + [True] * 5)
     m = unit_mask(uu, uu, "forward", noisy, noisy)
