@@ -14,7 +14,7 @@ import torch.nn.functional as F
 from torch.utils.flop_counter import FlopCounterMode
 
 import data
-from config import autocast, config_from_args, parser
+from config import SEED, autocast, check_config, check_device, check_flags, config_from_args, parser
 from model import Transformer, ar_sequence, frame_scale_layout, partition, unit_layout
 from sample import generate_ar, generate_student, generate_teacher, stream_layout
 from tokenizer import LatentStats, Tokenizer
@@ -109,11 +109,20 @@ def train_steps(cfg, tok, ar, flow, device, b, amp, fstats):
 
 
 def main(argv=None):
-    p = parser(__doc__.split("\n")[0])
+    p = parser(__doc__.split("\n")[0], "bench.py")
     p.add_argument("--num", type=int, default=4, help="clips per sampling call")
     p.add_argument("--long", type=int, default=0, help="also stream the student for this many frames (1 + ft*k)")
     args = p.parse_args(argv)
     cfg = config_from_args(args)
+    check_config(p, cfg)
+    check_flags(p, args, {"num": "[1, 1e4]", "long": "[0, 1e6]", "seed": SEED})
+    check_device(p, args.device)
+    if args.long and (args.long - 1) % cfg.ft:
+        p.error(f"--long {args.long}: allowed 0 (off) or 1 + {cfg.ft}*k frames")
+    side, chunk = cfg.size // cfg.down // cfg.fm_patch, 1 + (cfg.frames - 1) // cfg.ft
+    if args.long and len(stream_layout(cfg.unit, 1 + (args.long - 1) // cfg.ft, chunk, side, **cfg.unit_kwargs())) < 16:
+        p.error(f"--long {args.long}: allowed 0 (off) or a video of at least 16 {cfg.unit} units (its timings compare "
+                f"units 6-15 with the last ten)")
     device = args.device
     torch.manual_seed(args.seed)
     tok = Tokenizer(cfg.tokenizer_config(), cfg.size).to(device).eval()
@@ -175,8 +184,6 @@ def main(argv=None):
 
 def long_video(args, cfg, flow, prompt, device, channels, side):
     """Streaming student over a long video: seconds and cache size at unit ~10 and at the last units."""
-    if (args.long - 1) % cfg.ft:
-        raise SystemExit(f"--long must be 1 + {cfg.ft}*k")
     chunk = 1 + (cfg.frames - 1) // cfg.ft
     latent = 1 + (args.long - 1) // cfg.ft
     units = len(stream_layout(cfg.unit, chunk, chunk, side, **cfg.unit_kwargs()))

@@ -6,8 +6,10 @@ some fields; the rest keep the defaults written here.
 """
 import argparse
 import dataclasses
+import math
 import os
 import random
+from contextlib import contextmanager
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 
@@ -143,10 +145,163 @@ PRESETS = {
 }
 
 
-def parser(description):
+# ------------------------------------------------------------------------------------------ checking the inputs
+# Every script checks all its flags and input files before any work (issue 20): a bad value is one line naming the
+# flag, what was given and what is allowed, exit status 2, nothing written. Intervals read as in maths: "[1, 1e9]"
+# includes both ends, "(0, 10]" excludes 0; a tuple lists the allowed values. Caps are far above any sane value:
+# they catch typos (an extra zero or three), not ambition.
+STEPS, BATCH, FRAMES, LR, SHARE = "[1, 1e9]", "[1, 1e5]", "[1, 1e5]", "(0, 10]", "[0, 1]"
+LIMITS = {
+    "size": "[28, 1024]", "frames": FRAMES, "num_digits": "[1, 10]", "speed": "[0, 1024]",
+    "ft": "[1, 64]", "down": (4, 8, 16), "patch": (1, 2, 4), "width": "[1, 4096]", "z_channels": "[1, 1024]",
+    "vocab": "[2, 1e6]", "tok_steps": STEPS, "tok_batch": BATCH, "tok_frames": FRAMES, "tok_lr": LR,
+    "tok_beta": "[0, 100]", "tok_ema": "[0, 1)", "tok_coarse": "[0, 100]",
+    "dim": "[6, 65536]", "depth": "[1, 1000]", "heads": "[1, 1024]",
+    "ar_steps": STEPS, "ar_batch": BATCH, "ar_lr": LR, "ec_strength": SHARE, "frame_mask": SHARE,
+    "ordered_prompt": (0, 1), "cond_drop": SHARE,
+    "unit": ("frame", "keydetail", "cube", "scale"), "stride": "[1, 1e5]",
+    "fm_steps": STEPS, "causal_steps": STEPS, "fm_batch": BATCH, "fm_lr": LR, "fm_patch": "[1, 256]",
+    "fm_norm": ("channel", "global"), "fm_time": ("uniform", "logitnormal"), "fm_shift": "(0, 1000]",
+    "image_frac": SHARE,
+    "dmd_steps": STEPS, "dmd_lr": LR, "dmd_fake_lr": LR, "dmd_critic": "[1, 1000]",
+    "dmd_fake": ("full", "forward", "backward", "symmetric", "composed"), "dmd_unit_steps": "[1, 1000]",
+    "dmd_t_min": SHARE, "dmd_t_max": SHARE, "dmd_cfg": "[0, 100]", "dmd_ema": "[0, 1)",
+    "echo": "[1, 1000]", "eval_every": STEPS, "eval_clips": BATCH,
+}
+SEED = "[0, 4294967295]"   # numpy's seeds are 32-bit
+
+
+class CheckError(RuntimeError):
+    """A bad input that only shows once files are read (a checkpoint written under other flags or against another
+    tokenizer, an unreadable file): the scripts print it as one line and exit with status 2, like a bad flag."""
+
+
+class Parser(argparse.ArgumentParser):
+    """The scripts' argparse: a bad flag is one line, `prog: error: ...`, with exit status 2 (not the usage block,
+    which for train.py runs to dozens of lines above the message)."""
+
+    def __init__(self, **kw):
+        kw.setdefault("formatter_class", argparse.ArgumentDefaultsHelpFormatter)
+        super().__init__(allow_abbrev=False, **kw)
+
+    def error(self, message):
+        self.exit(2, f"{self.prog}: error: {message}\n")
+
+
+@contextmanager
+def one_line_errors(p):
+    """A CheckError raised inside ends the script as a bad flag does (one line, exit status 2), not as a traceback."""
+    try:
+        yield
+    except CheckError as e:
+        p.error(str(e))
+
+
+def bad_value(flag, value, allowed):
+    """`value` of `flag` against `allowed` (an interval string or a tuple of values) -> the complaint, or None."""
+    if isinstance(allowed, tuple):
+        return None if value in allowed else f"{flag} {value!r}: allowed {', '.join(map(str, allowed))}"
+    lo, hi = (float(v) for v in allowed[1:-1].split(","))
+    ok = isinstance(value, (int, float)) and math.isfinite(value) \
+        and (lo < value if allowed[0] == "(" else lo <= value) and (value < hi if allowed[-1] == ")" else value <= hi)
+    kind = "an integer" if isinstance(value, int) else "a number"
+    return None if ok else f"{flag} {value!r}: allowed {kind} in {allowed}"
+
+
+def check_flags(p, args, limits):
+    """The flags named in `limits` ({dest: allowed}) that were given; p.error on the first bad one."""
+    for dest, allowed in limits.items():
+        value = getattr(args, dest)
+        if value is not None and (msg := bad_value("--" + dest.replace("_", "-"), value, allowed)):
+            p.error(msg)
+
+
+def check_path(p, flag, path, kind):
+    """kind 'file': an existing readable file; 'dir': an existing directory; 'out': a file we may write (created
+    with its folders); 'outdir': a directory we may write in (created with its parents). p.error otherwise."""
+    if path is None:
+        return
+    if str(path) == "":
+        p.error(f"{flag} '': allowed a path, not an empty string")
+    path = Path(path)
+    if kind in ("file", "dir"):
+        ok = path.is_file() and os.access(path, os.R_OK) if kind == "file" else path.is_dir()
+        if not ok:
+            p.error(f"{flag} {str(path)!r}: " + ("no such " + ("file" if kind == "file" else "directory")
+                                                  if not path.exists() else f"allowed a readable {kind}"))
+        return
+    if path.exists():
+        if (kind == "outdir") != path.is_dir():
+            p.error(f"{flag} {str(path)!r}: allowed a {'directory' if kind == 'outdir' else 'file'} path, "
+                    f"this is a {'file' if path.is_file() else 'directory'}")
+        folder = path if kind == "outdir" else path.parent
+    else:
+        folder = path.parent
+        while not folder.exists():        # the nearest existing folder above must take new entries
+            folder = folder.parent
+        if not folder.is_dir():
+            p.error(f"{flag} {str(path)!r}: cannot be created ({folder} is not a directory)")
+    if not os.access(folder, os.W_OK | os.X_OK):
+        p.error(f"{flag} {str(path)!r}: {folder} is not writable")
+
+
+def check_device(p, device):
+    try:
+        d = torch.device(device)
+    except (RuntimeError, TypeError):
+        p.error(f"--device {device!r}: allowed cpu, cuda or cuda:i")
+    if d.type == "cuda" and not (torch.cuda.is_available() and (d.index or 0) < torch.cuda.device_count()):
+        p.error(f"--device {device!r}: no such CUDA device here ({torch.cuda.device_count()} visible)")
+    if d.type not in ("cpu", "cuda"):
+        p.error(f"--device {device!r}: allowed cpu, cuda or cuda:i")
+
+
+def check_config(p, cfg):
+    """Every Config field against LIMITS, then the fields that constrain each other; p.error on the first bad one.
+    Flags are named as the user types them (a preset's value is named by its flag too)."""
+    for f in fields(Config):
+        value, flag = getattr(cfg, f.name), "--" + f.name.replace("_", "-")
+        if f.name in LIMITS and (msg := bad_value(flag, value, LIMITS[f.name])):
+            p.error(msg)
+
+    def need(ok, msg):
+        if not ok:
+            p.error(msg)
+
+    for name in ("frames", "tok_frames"):
+        n = getattr(cfg, name)
+        need((n - 1) % cfg.ft == 0, f"--{name.replace('_', '-')} {n}: allowed 1 + {cfg.ft}*k (--ft {cfg.ft})")
+    need(cfg.size % cfg.down == 0, f"--size {cfg.size}: allowed a multiple of --down {cfg.down}")
+    side = cfg.size // cfg.down
+    try:
+        if cfg.scales and any(int(s) <= 0 for s in cfg.scales.split(",")):
+            raise ValueError
+        cfg.tokenizer_config().scale_schedule(side)
+    except ValueError:
+        p.error(f"--scales {cfg.scales!r}: allowed increasing comma-separated sides ending at the latent side {side} "
+                f"(--size / --down), or '' for powers of 2")
+    need(side % cfg.fm_patch == 0, f"--fm-patch {cfg.fm_patch}: allowed a divisor of the latent side {side}")
+    cube = cfg.cube.split(",")
+    need(len(cube) == 3 and all(c.strip().isdigit() and int(c) > 0 for c in cube),
+         f"--cube {cfg.cube!r}: allowed three positive integers kt,kh,kw")
+    t, tokens = 1 + (cfg.frames - 1) // cfg.ft, side // cfg.fm_patch
+    kt, kh, kw = map(int, cube)
+    need(cfg.unit != "cube" or not (t % kt or tokens % kh or tokens % kw),
+         f"--cube {cfg.cube!r}: allowed kt,kh,kw dividing the {t}x{tokens}x{tokens} token grid "
+         f"(latent frames x latent side / --fm-patch)")
+    need(cfg.unit != "scale" or cfg.unit_kwargs()["scales"][-1:] == (tokens,),
+         f"--unit scale: the scales ({cfg.scales or 'powers of 2'}) must include the token side {tokens}")
+    need(cfg.dim % cfg.heads == 0 and cfg.dim // cfg.heads % 2 == 0 and cfg.dim // cfg.heads >= 6,
+         f"--dim {cfg.dim} / --heads {cfg.heads}: allowed a head width dim/heads that is an even integer >= 6")
+    need(cfg.dmd_t_min < cfg.dmd_t_max, f"--dmd-t-min {cfg.dmd_t_min} / --dmd-t-max {cfg.dmd_t_max}: allowed "
+                                        f"min < max")
+    need(not cfg.data_dir or not Path(cfg.data_dir).exists() or Path(cfg.data_dir).is_dir(),
+         f"--data-dir {cfg.data_dir!r}: allowed a directory (MNIST is downloaded there when missing)")
+
+
+def parser(description, prog):
     """argparse parser with --config, --out, --seed, --device and one flag per Config field."""
-    p = argparse.ArgumentParser(description=description, allow_abbrev=False,
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p = Parser(description=description, prog=prog)
     p.add_argument("--config", default="toy", choices=sorted(PRESETS), help="preset; flags below override it")
     p.add_argument("--seed", type=int, default=0, help="random seed")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="cpu or cuda[:i]")
@@ -197,19 +352,19 @@ def load_checkpoint(path, expect_config=None, keys=()):
     """Load a checkpoint; with expect_config, refuse one written under different config fields `keys`."""
     path = Path(path)
     if not path.exists():
-        raise FileNotFoundError(f"no checkpoint at {path}")
+        raise CheckError(f"no checkpoint at {path}")
     try:
         state = torch.load(path, map_location="cpu", weights_only=False)
     except Exception as e:
-        raise RuntimeError(f"{path} is not a readable checkpoint ({type(e).__name__}: {e}); "
-                           f"delete it or point --out elsewhere") from e
+        raise CheckError(f"{path} is not a readable checkpoint ({type(e).__name__}: {e}); "
+                         f"delete it or point --out elsewhere") from e
     if not isinstance(state, dict) or "config" not in state:
-        raise RuntimeError(f"{path} is not a checkpoint of this project (no config inside)")
+        raise CheckError(f"{path} is not a checkpoint of this project (no config inside)")
     if expect_config is not None:
         saved = state["config"]
         diff = {k: (saved.get(k), getattr(expect_config, k)) for k in keys if saved.get(k) != getattr(expect_config, k)}
         if diff:
-            raise RuntimeError(f"{path} was written with a different config: "
+            raise CheckError(f"{path} was written with a different config: "
                                + ", ".join(f"{k}={a!r} there, {b!r} now" for k, (a, b) in diff.items())
                                + ". Use the same flags, or another --out.")
     return state

@@ -78,6 +78,8 @@ def _fetch_mnist(data_dir):
         dst = data_dir / name
         if dst.exists() and _md5(dst) == md5:
             continue
+        if dst.exists():
+            print(f"[data] {dst} is corrupt or truncated (md5 mismatch); downloading it again")
         data_dir.mkdir(parents=True, exist_ok=True)
         for mirror in MNIST_MIRRORS:
             try:
@@ -113,7 +115,11 @@ def load_digits(data_dir=None, download=True, allow_synthetic=True, verbose=True
                       read_idx(data_dir / "t10k-labels-idx1-ubyte.gz").astype(np.int64), f"MNIST ({data_dir})")
     for d in (data_dir, SHARED_MNIST):
         img, lab = d / "t10k-images-idx3-ubyte.gz", d / "t10k-labels-idx1-ubyte.gz"
-        if img.exists() and lab.exists():
+        bad = [f for f in (img, lab) if f.exists() and _md5(f) != MNIST_MD5[f.name]]
+        if bad:   # a corrupt or truncated copy is never read: the next source is tried instead
+            print(f"[data] {', '.join(map(str, bad))}: md5 mismatch (corrupt or truncated); not using it. Delete it "
+                  f"to let it be fetched again")
+        elif img.exists() and lab.exists():
             x, y = read_idx(img), read_idx(lab).astype(np.int64)
             s = TEST_ONLY_SPLIT
             return Digits(x[:s], y[:s], x[s:], y[s:], f"MNIST test digits ({d}), split {s}/{len(x) - s}")
@@ -304,6 +310,19 @@ def check_video(video, name="video"):
     return video
 
 
+def load_clips(path):
+    """A .npy of uint8 clips [N,T,H,W] or [N,T,H,W,C] with at least one clip of one frame, as stored; a ValueError
+    or TypeError naming the file otherwise (the scripts check their input files with this before any work)."""
+    try:
+        x = np.load(path, allow_pickle=False)
+    except Exception as e:
+        raise ValueError(f"{path}: not a readable .npy file ({type(e).__name__}: {e})") from e
+    check_video(x, str(path))
+    if 0 in x.shape:
+        raise ValueError(f"{path}: empty, shape {x.shape}")
+    return x
+
+
 def to_model(video, device="cpu"):
     """uint8 [N,T,H,W(,C)] -> float [N,C,T,H,W] in [-1, 1]."""
     v = torch.from_numpy(check_video(video)).to(device)
@@ -338,9 +357,8 @@ def save_mp4(path, video, fps=8):
 def main(argv=None):
     """Write Moving MNIST clips to look at, reconstruct or score: uint8 .npy [N,T,H,W], their digits in a .txt
     beside it (one line per clip, what eval.py --prompts reads), and optionally a GIF."""
-    import argparse
-    p = argparse.ArgumentParser(description=main.__doc__.split(":")[0], allow_abbrev=False,
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    from config import SEED, Parser, check_flags, check_path   # the scripts' shared checks (config imports data lazily too)
+    p = Parser(description=main.__doc__.split(":")[0], prog="data.py")
     p.add_argument("--npy", required=True, help="output clips, uint8 [N,T,H,W]; the prompts go to the same name .txt")
     p.add_argument("--num", type=int, default=8, help="number of clips")
     p.add_argument("--frames", type=int, default=13, help="frames per clip")
@@ -350,6 +368,13 @@ def main(argv=None):
     p.add_argument("--data-dir", default=None, help="directory with full MNIST IDX files")
     p.add_argument("--seed", type=int, default=0, help="random seed")
     args = p.parse_args(argv)
+    check_flags(p, args, {"num": "[1, 1e5]", "frames": "[1, 1e5]", "digits": "[1, 10]", "seed": SEED})
+    for flag, suffix in (("npy", ".npy"), ("gif", ".gif")):
+        check_path(p, "--" + flag, getattr(args, flag), "out")
+        if getattr(args, flag) and Path(getattr(args, flag)).suffix.lower() != suffix:
+            p.error(f"--{flag} {getattr(args, flag)!r}: allowed a file name ending in {suffix}")
+    if args.data_dir is not None:
+        check_path(p, "--data-dir", args.data_dir, "outdir")
     video, labels = moving_mnist(args.num, load_digits(args.data_dir), args.split,
                                  MovingMNISTConfig(frames=args.frames, num_digits=args.digits), seed=args.seed)
     Path(args.npy).parent.mkdir(parents=True, exist_ok=True)

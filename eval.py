@@ -46,7 +46,8 @@ import torch.nn.functional as F
 from einops import rearrange, repeat
 from tqdm import tqdm
 
-from data import Digits, MovingMNISTConfig, check_video, load_digits, moving_mnist
+from config import SEED, Parser, check_device, check_flags, check_path
+from data import Digits, MovingMNISTConfig, check_video, load_clips, load_digits, moving_mnist
 
 CACHE_DIR = Path(os.environ.get("VIDEOAR_EVAL_CACHE", Path.home() / ".cache" / "videoar" / "eval"))
 VERSION = 3                # of the nets' design: part of the cache key, so a stale cache is never loaded
@@ -550,15 +551,43 @@ def evaluate(videos, prompts=None, target=None, samples=None, nets=None, num_rea
 
 def read_prompts(path):
     """One line per clip, digits separated by spaces ("3 7")."""
-    prompts = [[int(d) for d in line.split()] for line in Path(path).read_text().splitlines()]
-    if any(not 0 <= d <= 9 for p in prompts for d in p):
-        raise ValueError(f"{path}: prompts are digits 0-9")
+    try:
+        prompts = [[int(d) for d in line.split()] for line in Path(path).read_text().splitlines()]
+    except (ValueError, UnicodeDecodeError):
+        prompts = None
+    if prompts is None or not prompts or any(not p or not all(0 <= d <= 9 for d in p) for p in prompts):
+        raise ValueError(f"{path}: allowed one line per clip, each of digits 0-9 separated by spaces")
     return prompts
 
 
-def main():
-    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter,
-                                 epilog="Metric definitions:\n" + __doc__.split("Metrics")[1])
+def read_inputs(p, args):
+    """Every flag and input file, before the feature nets are trained or loaded (issue 20): p.error on a bad one.
+    -> (videos, prompts or None, target or None)."""
+    check_flags(p, args, {"samples": "[1, 1e6]", "num_real": "[2, 1e5]", "seed": SEED})
+    check_device(p, args.device)
+    for flag, kind in (("videos", "file"), ("prompts", "file"), ("target", "file"), ("i3d", "file"),
+                       ("json", "out"), ("cache", "outdir")):
+        check_path(p, "--" + flag, getattr(args, flag), kind)
+    try:
+        videos = load_clips(args.videos)
+        target = load_clips(args.target) if args.target else None
+        prompts = read_prompts(args.prompts) if args.prompts else None
+    except (TypeError, ValueError) as e:
+        p.error(str(e))
+    if prompts is not None and len(prompts) != len(videos):
+        p.error(f"--prompts {args.prompts}: {len(prompts)} lines for {len(videos)} clips in --videos; allowed one "
+                f"line per clip")
+    if target is not None:
+        s = args.samples or len(videos) // len(target)
+        if len(videos) != s * len(target) or check_video(videos).shape[1:] != check_video(target).shape[1:]:
+            p.error(f"--target {args.target}: shape {target.shape} does not fit --videos {videos.shape} with {s} "
+                    f"samples per clip; allowed [N/S,T,H,W(,C)] with the videos' T, H, W, C")
+    return videos, prompts, target
+
+
+def main(argv=None):
+    ap = Parser(prog="eval.py", description=__doc__.split("\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter,
+                epilog="Metric definitions:\n" + __doc__.split("Metrics")[1])
     ap.add_argument("--videos", required=True, help="generated clips: uint8 .npy [N,T,H,W] or [N,T,H,W,C]")
     ap.add_argument("--prompts", help="text file, one line per clip with its digits separated by spaces (for semantic)")
     ap.add_argument("--target", help="true continuation .npy [N/S,T,H,W(,C)] for mse / mae / ssim / psnr")
@@ -572,13 +601,11 @@ def main():
                                                             "(default: $VIDEOAR_EVAL_CACHE or ~/.cache/videoar/eval)")
     ap.add_argument("--i3d", help="I3D Kinetics-400 state dict (pytorch-i3d layout, e.g. rgb_imagenet.pt) for the "
                                   "standard FVD; nothing is downloaded")
-    args = ap.parse_args()
-    videos = np.load(args.videos)
+    args = ap.parse_args(argv)
+    videos, prompts, target = read_inputs(ap, args)
     digits = load_digits(download=False)
     nets = load_nets(EvalNetConfig(seed=args.seed), args.cache, args.device, digits)
-    res = evaluate(videos, read_prompts(args.prompts) if args.prompts else None,
-                   np.load(args.target) if args.target else None, args.samples, nets, args.num_real,
-                   args.device, args.i3d, digits)
+    res = evaluate(videos, prompts, target, args.samples, nets, args.num_real, args.device, args.i3d, digits)
     for k, v in res.items():
         print(f"{k:28s} {v:.4f}" if isinstance(v, float) else f"{k:28s} {v}")
     if args.json:

@@ -15,7 +15,8 @@ from tqdm import tqdm
 
 import data
 from model import KVCache, frame_context, grid_positions, merge, partition, shift_time, unit_layout
-from config import add_precision_flag, autocast
+from config import (SEED, Parser, add_precision_flag, autocast, check_device, check_flags, check_path,
+                    one_line_errors)
 from train import load_ar, load_flow, load_tokenizer, reconstruct
 
 
@@ -193,9 +194,7 @@ def generate_student(model, prompts, frames, chunk, side, channels, generator, k
 
 
 def build_parser():
-    import argparse
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0], allow_abbrev=False,
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p = Parser(description=__doc__.split("\n")[0], prog="sample.py")
     p.add_argument("--ckpt", required=True, help="run directory written by train.py")
     p.add_argument("--method", choices=["ar", "teacher", "student", "dmd"], help="ar: paper A (next-scale in a "
                    "frame, next-frame across frames); teacher: paper B's full-attention flow model; student: paper B's "
@@ -246,24 +245,50 @@ def write_outputs(args, video, prompts=None):
     print(f"[sample] {video.shape} uint8 -> {', '.join(x for x in (args.npy, args.gif, args.mp4) if x)}")
 
 
+LIMITS = {"steps": "[0, 1e4]", "context_len": "[-1, 1e6]", "num": "[1, 1e4]", "frames": "[0, 1e5]", "cfg": "[0, 100]",
+          "temperature": "(0, 100]", "top_k": "[0, 1e7]", "top_p": "(0, 1]", "window": "[-1, 1e6]",
+          "context_frames": "[1, 1e5]", "seed": SEED}
+
+
+def check_args(p, args):
+    """Every flag and path before any work (issue 20); what needs the run's config (--frames, --prompt, the clips'
+    size and length) is checked once it is read, still before anything is generated or written."""
+    check_flags(p, args, LIMITS)
+    check_device(p, args.device)
+    for flag, suffix in (("npy", ".npy"), ("gif", ".gif"), ("mp4", ".mp4")):
+        path = getattr(args, flag)
+        check_path(p, "--" + flag, path, "out")
+        if path and Path(path).suffix.lower() != suffix:
+            p.error(f"--{flag} {path!r}: allowed a file name ending in {suffix}")
+    if not (args.npy or args.gif or args.mp4):
+        p.error("nothing to write: give --npy, --gif and/or --mp4")
+    check_path(p, "--ckpt", args.ckpt, "dir")
+    for flag in ("context", "reconstruct"):
+        check_path(p, "--" + flag, getattr(args, flag), "file")
+    if args.reconstruct is None and args.method is None:
+        p.error("say what to do: --method ar|teacher|student|dmd, or --reconstruct IN.npy")
+
+
 def main(argv=None):
     p = build_parser()
     args = p.parse_args(argv)
-    if not (args.npy or args.gif or args.mp4):
-        p.error("nothing to write: give --npy, --gif and/or --mp4")
+    check_args(p, args)
     torch.manual_seed(args.seed)
+    with one_line_errors(p):        # a checkpoint missing, unreadable or trained on another tokenizer: one line
+        return run(p, args)
+
+
+def run(p, args):
     if args.reconstruct:
         tok, cfg = load_tokenizer(args.ckpt, args.device)
-        video = np.load(args.reconstruct)
         try:
+            video = data.load_clips(args.reconstruct)
             with autocast(args.device, args.precision):
                 out = reconstruct(tok, video, args.device, quantized=not args.continuous)
         except (TypeError, ValueError) as e:
-            p.error(f"{args.reconstruct}: {e}")
+            p.error(f"--reconstruct: {e}")
         write_outputs(args, out)
         return 0
-    if args.method is None:
-        p.error("say what to do: --method ar|teacher|student|dmd, or --reconstruct IN.npy")
     if args.cfg is None:
         args.cfg = 1.0 if args.method == "dmd" else 3.0
     with autocast(args.device, args.precision):
@@ -273,15 +298,15 @@ def main(argv=None):
 
 
 def parse_prompts(p, args, n, num_digits, generator):
-    if args.prompt:
+    if args.prompt is not None:
         try:
             digits = [int(d) for d in args.prompt.split()]
         except ValueError:
-            p.error(f"--prompt must be digits separated by spaces, got {args.prompt!r}")
+            p.error(f"--prompt {args.prompt!r}: allowed digits 0-9 separated by spaces")
         if not digits or any(d < 0 or d > 9 for d in digits):
-            p.error(f"--prompt digits must be 0-9, got {args.prompt!r}")
-        if len(digits) > num_digits:
-            p.error(f"--prompt has {len(digits)} digits; this model was trained on clips of {num_digits}")
+            p.error(f"--prompt {args.prompt!r}: allowed digits 0-9 separated by spaces")
+        if len(digits) != num_digits:   # fewer would leave places the model always saw filled: refused too
+            p.error(f"--prompt {args.prompt!r}: allowed {num_digits} digits, the count this model was trained on")
         return torch.tensor(digits).expand(n, -1)
     return torch.randint(0, 10, (n, num_digits), generator=generator)
 
@@ -290,18 +315,19 @@ def frames_and_context(p, args, cfg, tok):
     """Check --frames / --context-frames; read and encode --context. -> (video frames, context clip, z or None)."""
     frames = args.frames or cfg.frames
     if frames < 1 or (frames - 1) % cfg.ft:
-        p.error(f"--frames must be 1 + {cfg.ft}*k, got {frames}")
+        p.error(f"--frames {frames}: allowed 1 + {cfg.ft}*k (this model's --ft)")
     if not args.context:
         return frames, None, None
     if (args.context_frames - 1) % cfg.ft or args.context_frames > frames:
-        p.error(f"--context-frames must be 1 + {cfg.ft}*k and at most --frames, got {args.context_frames}")
-    clip = data.check_video(np.load(args.context))[:, :args.context_frames]
-    if clip.shape[1] < args.context_frames:
-        p.error(f"{args.context}: {clip.shape[1]} frames, fewer than --context-frames {args.context_frames}")
+        p.error(f"--context-frames {args.context_frames}: allowed 1 + {cfg.ft}*k, at most --frames {frames}")
     try:
+        clip = data.check_video(data.load_clips(args.context))[:, :args.context_frames]
+        if clip.shape[1] < args.context_frames:
+            p.error(f"--context {args.context}: {clip.shape[1]} frames, fewer than --context-frames "
+                    f"{args.context_frames}")
         return frames, clip, tok.encode(data.to_model(clip, args.device))
     except (TypeError, ValueError) as e:
-        p.error(f"{args.context}: {e}")
+        p.error(f"--context: {e}")
 
 
 def finish(video, clip, prompts):
@@ -324,7 +350,8 @@ def run_flow(p, args):
     latent = 1 + (frames - 1) // cfg.ft
     c, side = stats.shape(cfg.z_channels, tok.latent_side)    # the flow models' token grid
     n = args.num if clip is None else len(clip)
-    prompts = parse_prompts(p, args, n, cfg.num_digits, gen).to(args.device) if (args.prompt or clip is None) else None
+    prompts = parse_prompts(p, args, n, cfg.num_digits, gen).to(args.device) \
+        if (args.prompt is not None or clip is None) else None
     if args.method == "teacher":
         if clip is not None:
             p.error("--context needs --method student or dmd (the teacher generates whole clips)")
@@ -353,7 +380,8 @@ def run_ar(p, args):
     window = trained - 1 if args.window < 0 else args.window
     context = None if z_ctx is None else tok.quantize(z_ctx)[0]
     n = args.num if clip is None else len(clip)
-    prompts = parse_prompts(p, args, n, cfg.num_digits, gen).to(args.device) if (args.prompt or clip is None) else None
+    prompts = parse_prompts(p, args, n, cfg.num_digits, gen).to(args.device) \
+        if (args.prompt is not None or clip is None) else None
     f_hat = generate_ar(model, tok, prompts, 1 + (frames - 1) // cfg.ft, gen, args.cfg, args.cfg_schedule,
                         args.temperature, args.top_k, args.top_p, context, window)
     return finish(data.from_model(tok.decode(f_hat), squeeze=False), clip, prompts)

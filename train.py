@@ -22,7 +22,8 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 import data
-from config import Config, autocast, config_from_args, load_checkpoint, parser, save_checkpoint, seed_everything
+from config import (SEED, CheckError, Config, autocast, check_config, check_device, check_flags, check_path,
+                    config_from_args, load_checkpoint, one_line_errors, parser, save_checkpoint, seed_everything)
 from model import Transformer, ar_sequence, flow_pair, flow_times, frame_scale_layout, partition, unit_layout
 from tokenizer import LatentStats, Tokenizer
 
@@ -30,6 +31,17 @@ STAGES = ["tokenizer", "ar", "teacher", "causal", "dmd"]
 QUICKSTART = STAGES[:4]     # --stage all; dmd runs on its own command (README)
 TOKENIZER_KEYS = ["size", "ft", "down", "patch", "width", "z_channels", "vocab", "scales"]
 MODEL_KEYS = TOKENIZER_KEYS + ["dim", "depth", "heads", "num_digits", "ordered_prompt"]
+TEACHER_INIT_KEYS = MODEL_KEYS + ["fm_patch"]   # what the student and DMD's scorers need of the teacher they start from
+
+
+def stage_keys(stage):
+    """The config fields a stage's checkpoint must share with the flags to be resumed (or built on)."""
+    if stage == "tokenizer":
+        return TOKENIZER_KEYS
+    if stage in ("ar", "teacher"):
+        return MODEL_KEYS + ["frames"] + (["fm_patch"] if stage == "teacher" else [])
+    student = MODEL_KEYS + ["frames", "fm_patch", "unit", "stride", "cube"]
+    return student if stage == "causal" else student + ["dmd_fake"]
 
 
 def lr_at(step, total, peak, warmup=50):
@@ -115,7 +127,7 @@ def check_tokenizer(state, tok, path):
     """Refuse a generator checkpoint written against another tokenizer (e.g. the tokenizer was retrained since)."""
     saved = state.get("tokenizer_id")   # None: written before fingerprints existed
     if tok is not None and saved is not None and saved != tokenizer_id(tok):
-        raise RuntimeError(f"{path} was trained on another tokenizer than the one beside it (retrained since?); "
+        raise CheckError(f"{path} was trained on another tokenizer than the one beside it (retrained since?); "
                            f"its codes / latents no longer match. Delete {path} to retrain it, or use another --out.")
 
 
@@ -295,7 +307,7 @@ def train_tokenizer(cfg, args, digits, out):
     path = out / "tokenizer.pt"
     tok = build_tokenizer(cfg).to(device)
     opt = torch.optim.AdamW(tok.parameters(), lr=cfg.tok_lr, betas=(0.9, 0.95), weight_decay=0.0)
-    step, state = resume(path, cfg, TOKENIZER_KEYS, tok, opt, "tokenizer", cfg.tok_steps)
+    step, state = resume(path, cfg, stage_keys("tokenizer"), tok, opt, "tokenizer", cfg.tok_steps)
     ema = EMA(tok, cfg.tok_ema)     # ema.model is what is evaluated, saved and handed to the later stages
     if state is not None and "ema" in state:
         ema.model.load_state_dict(state["ema"])
@@ -432,7 +444,7 @@ def train_ar(cfg, args, digits, out, tok):
     path = out / "ar.pt"
     model = build_ar(cfg, cfg.vocab).to(device)
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.ar_lr, betas=(0.9, 0.95), weight_decay=0.05)
-    step, state = resume(path, cfg, MODEL_KEYS + ["frames"], model, opt, "ar", cfg.ar_steps, tok)
+    step, state = resume(path, cfg, stage_keys("ar"), model, opt, "ar", cfg.ar_steps, tok)
     if step >= cfg.ar_steps:
         return model.eval()
     tok = tok.to(device).eval().requires_grad_(False)
@@ -529,14 +541,13 @@ def train_flow(cfg, args, digits, out, tok, stage):
     steps = cfg.fm_steps if stage == "teacher" else cfg.causal_steps
     model = Transformer(cfg.model_config()).to(device)
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.fm_lr, betas=(0.9, 0.95), weight_decay=0.05)
-    keys = MODEL_KEYS + ["frames", "fm_patch"] + ([] if stage == "teacher" else ["unit", "stride", "cube"])
-    step, state = resume(path, cfg, keys, model, opt, stage, steps, tok)
+    step, state = resume(path, cfg, stage_keys(stage), model, opt, stage, steps, tok)
     if step >= steps:
         return model.eval()
     if state is not None:
         stats = LatentStats.from_state(state["z_stats"])
     elif stage == "causal":
-        teacher = load_checkpoint(out / "teacher.pt", cfg, MODEL_KEYS)
+        teacher = load_checkpoint(out / "teacher.pt", cfg, TEACHER_INIT_KEYS)
         check_tokenizer(teacher, tok, out / "teacher.pt")
         model.load_state_dict(teacher["model"])
         stats = LatentStats.from_state(teacher["z_stats"])
@@ -611,19 +622,15 @@ def train_dmd(cfg, args, digits, out, tok):
     generator (--dmd-ema) is what load_flow, the sample GIF and sample.py --method dmd use."""
     import dmd   # dmd.py builds on sample.py, which imports this module's loaders
     device, path, steps = args.device, out / "dmd.pt", cfg.dmd_steps
-    if cfg.unit == "scale":
-        raise ValueError("--stage dmd needs frame, keydetail or cube units: the teacher scores the finest latent, "
-                         "which scale units only reach at their last unit")
     generator = Transformer(cfg.model_config()).to(device)
     opt = torch.optim.AdamW(generator.parameters(), lr=cfg.dmd_lr, betas=(0.9, 0.95), weight_decay=0.05)
     masks = dmd.fake_masks(cfg.dmd_fake)
     scorers = torch.nn.ModuleList(Transformer(cfg.model_config()) for _ in masks).to(device)
     fakes = dict(zip(masks, scorers))                      # mask -> its fake scorer
     fake_opt = torch.optim.AdamW(scorers.parameters(), lr=cfg.dmd_fake_lr, betas=(0.9, 0.95), weight_decay=0.05)
-    student_keys = MODEL_KEYS + ["frames", "fm_patch", "unit", "stride", "cube"]
-    step, state = resume(path, cfg, student_keys + ["dmd_fake"], generator, opt, "dmd", steps, tok)
+    step, state = resume(path, cfg, stage_keys("dmd"), generator, opt, "dmd", steps, tok)
     if state is None:   # a fresh start: the generator is the causal student
-        student = load_checkpoint(out / "causal.pt", cfg, student_keys)
+        student = load_checkpoint(out / "causal.pt", cfg, stage_keys("causal"))
         check_tokenizer(student, tok, out / "causal.pt")
         generator.load_state_dict(student["model"])
     ema = EMA(generator, cfg.dmd_ema)
@@ -631,7 +638,7 @@ def train_dmd(cfg, args, digits, out, tok):
         ema.model.load_state_dict(state["ema"])
     if step >= steps:
         return ema.model.eval()
-    teacher_state = load_checkpoint(out / "teacher.pt", cfg, MODEL_KEYS + ["fm_patch"])
+    teacher_state = load_checkpoint(out / "teacher.pt", cfg, TEACHER_INIT_KEYS)
     check_tokenizer(teacher_state, tok, out / "teacher.pt")
     if state is None:   # ... and the fake scorers start as the teacher
         for scorer in scorers:
@@ -696,7 +703,7 @@ def train_dmd(cfg, args, digits, out, tok):
 
 # ---------------------------------------------------------------------------------------------------- main
 def main(argv=None):
-    p = parser(__doc__.split("\n")[0])
+    p = parser(__doc__.split("\n")[0], "train.py")
     p.add_argument("--stage", choices=STAGES + ["all"], default="all", help="which stage to train (all: every stage "
                    "but dmd, which runs on its own command after causal)")
     p.add_argument("--out", default=None, help="run directory (default runs/<config>)")
@@ -708,15 +715,38 @@ def main(argv=None):
     p.add_argument("--stop-after", type=int, default=0, help="save and stop after this many steps of this run "
                    "(for time-sliced or preemptible jobs; running the command again resumes)")
     args = p.parse_args(argv)
-    cfg = config_from_args(args)
-    if (cfg.frames - 1) % cfg.ft or (cfg.tok_frames - 1) % cfg.ft:
-        p.error(f"--frames and --tok-frames must be 1 + {cfg.ft}*k (got {cfg.frames}, {cfg.tok_frames})")
+    cfg = config_from_args(args)       # every flag and the run directory are checked before any work (issue 20)
+    check_config(p, cfg)
+    check_flags(p, args, {"seed": SEED, "curve": "[0, 1e4]", "stop_after": "[0, 1e9]"})
+    check_device(p, args.device)
     out = Path(args.out or f"runs/{args.config}")
-    out.mkdir(parents=True, exist_ok=True)
+    check_path(p, "--out", out, "outdir")
+    stages = QUICKSTART if args.stage == "all" else [args.stage]
+    if "dmd" in stages and cfg.unit == "scale":
+        p.error("--unit scale: --stage dmd needs frame, keydetail or cube units (the teacher scores the finest "
+                "latent, which scale units only reach at their last unit)")
+    with one_line_errors(p):           # a checkpoint that does not fit the flags: one line, not a traceback
+        check_run(cfg, out, stages)
+        out.mkdir(parents=True, exist_ok=True)
+        train_stages(cfg, args, out, stages)
+
+
+def check_run(cfg, out, stages):
+    """Before any work, the checkpoints in `out` that the stages will resume or build on must fit the flags
+    (load_checkpoint raises CheckError otherwise), and a stage after the tokenizer needs one."""
+    if "tokenizer" not in stages and not (out / "tokenizer.pt").exists():
+        raise CheckError(f"no tokenizer in {out}: train one first (--stage tokenizer), or point --out at a run")
+    later = {"causal": ["teacher"], "dmd": ["teacher", "causal"]}
+    for stage in ["tokenizer"] + stages + [s for s in stages for s in later.get(s, [])]:
+        if (out / f"{stage}.pt").exists():
+            keys = TEACHER_INIT_KEYS if stage == "teacher" and stage not in stages else stage_keys(stage)
+            load_checkpoint(out / f"{stage}.pt", cfg, keys)
+
+
+def train_stages(cfg, args, out, stages):
     seed_everything(args.seed)
     digits = data.load_digits(cfg.data_dir or None)
     print(f"[data] digits: {data_source_line(digits)}")
-    stages = QUICKSTART if args.stage == "all" else [args.stage]
     t0 = time.time()
     tok = None
     for stage in stages:
