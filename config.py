@@ -365,6 +365,6 @@ def load_checkpoint(path, expect_config=None, keys=()):
         diff = {k: (saved.get(k), getattr(expect_config, k)) for k in keys if saved.get(k) != getattr(expect_config, k)}
         if diff:
             raise CheckError(f"{path} was written with a different config: "
-                               + ", ".join(f"{k}={a!r} there, {b!r} now" for k, (a, b) in diff.items())
+                               + ", ".join(f"--{k.replace('_', '-')} {a!r} there, {b!r} now" for k, (a, b) in diff.items())
                                + ". Use the same flags, or another --out.")
     return state

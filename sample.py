@@ -281,8 +281,8 @@ def main(argv=None):
 def run(p, args):
     if args.reconstruct:
         tok, cfg = load_tokenizer(args.ckpt, args.device)
+        video = read_clips(p, "--reconstruct", args.reconstruct, cfg)
         try:
-            video = data.load_clips(args.reconstruct)
             with autocast(args.device, args.precision):
                 out = reconstruct(tok, video, args.device, quantized=not args.continuous)
         except (TypeError, ValueError) as e:
@@ -295,6 +295,20 @@ def run(p, args):
         video, prompts = run_ar(p, args) if args.method == "ar" else run_flow(p, args)
     write_outputs(args, video, prompts)
     return 0
+
+
+def read_clips(p, flag, path, cfg, whole=True):
+    """uint8 clips the run's tokenizer can encode (data.load_clips; grey frames of its size, 1 + ft*k of them unless
+    `whole` is False: a context is cut to --context-frames), or p.error."""
+    try:
+        video = data.load_clips(path)
+    except (TypeError, ValueError) as e:
+        p.error(f"{flag}: {e}")
+    n, t, h, w, c = data.check_video(video).shape
+    if (h, w, c) != (cfg.size, cfg.size, 1) or whole and (t - 1) % cfg.ft:
+        p.error(f"{flag} {path}: {t} frames of {h}x{w}x{c}; allowed 1 + {cfg.ft}*k grey frames of "
+                f"{cfg.size}x{cfg.size} (this run's tokenizer)")
+    return video
 
 
 def parse_prompts(p, args, n, num_digits, generator):
@@ -320,11 +334,10 @@ def frames_and_context(p, args, cfg, tok):
         return frames, None, None
     if (args.context_frames - 1) % cfg.ft or args.context_frames > frames:
         p.error(f"--context-frames {args.context_frames}: allowed 1 + {cfg.ft}*k, at most --frames {frames}")
+    clip = data.check_video(read_clips(p, "--context", args.context, cfg, whole=False))[:, :args.context_frames]
+    if clip.shape[1] < args.context_frames:
+        p.error(f"--context {args.context}: {clip.shape[1]} frames, fewer than --context-frames {args.context_frames}")
     try:
-        clip = data.check_video(data.load_clips(args.context))[:, :args.context_frames]
-        if clip.shape[1] < args.context_frames:
-            p.error(f"--context {args.context}: {clip.shape[1]} frames, fewer than --context-frames "
-                    f"{args.context_frames}")
         return frames, clip, tok.encode(data.to_model(clip, args.device))
     except (TypeError, ValueError) as e:
         p.error(f"--context: {e}")

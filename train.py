@@ -719,8 +719,8 @@ def main(argv=None):
     check_config(p, cfg)
     check_flags(p, args, {"seed": SEED, "curve": "[0, 1e4]", "stop_after": "[0, 1e9]"})
     check_device(p, args.device)
-    out = Path(args.out or f"runs/{args.config}")
-    check_path(p, "--out", out, "outdir")
+    check_path(p, "--out", args.out, "outdir")
+    out = Path(args.out if args.out is not None else f"runs/{args.config}")
     stages = QUICKSTART if args.stage == "all" else [args.stage]
     if "dmd" in stages and cfg.unit == "scale":
         p.error("--unit scale: --stage dmd needs frame, keydetail or cube units (the teacher scores the finest "

@@ -93,7 +93,7 @@ def test_bad_flags_and_configs_leave_the_checkpoint_untouched(run, capsys):
         train.main(TINY + ["--out", str(run), "--no-such-flag", "1"])
     assert e.value.code == 2 and "unrecognized arguments" in capsys.readouterr().err
     refused(train.main, TINY + ["--out", str(run), "--frames", "12"], capsys, "--frames 12: allowed 1 + 4*k")
-    refused(train.main, TINY + ["--out", str(run), "--z-channels", "8"], capsys, "different config: z_channels")
+    refused(train.main, TINY + ["--out", str(run), "--z-channels", "8"], capsys, "different config: --z-channels 4 there")
     assert digest(ckpt) == before
 
 
