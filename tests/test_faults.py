@@ -1,0 +1,61 @@
+"""Faults (issue 20): a training run killed with SIGKILL loses nothing but the steps since its last checkpoint, and a
+corrupt MNIST copy in the cache is never read."""
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+import data
+
+REPO = Path(__file__).resolve().parents[1]
+FLAGS = ["train.py", "--config", "tiny", "--stage", "tokenizer", "--tok-steps", "12", "--eval-every", "3",
+         "--device", "cpu"]
+ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
+
+
+def losses(out):
+    """step -> loss of log.jsonl's tokenizer rows; a step logged twice (run again after a kill) keeps its last."""
+    rows = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
+    return {r["step"]: r["loss"] for r in rows if "loss" in r}
+
+
+def test_a_run_killed_mid_stage_resumes_to_the_losses_of_an_unbroken_one(tmp_path):
+    whole, parts = tmp_path / "whole", tmp_path / "parts"
+    subprocess.run([sys.executable] + FLAGS + ["--out", str(whole)], cwd=REPO, env=ENV, check=True,
+                   capture_output=True, timeout=300)
+    proc = subprocess.Popen([sys.executable] + FLAGS + ["--out", str(parts)], cwd=REPO, env=ENV,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    log = parts / "log.jsonl"
+    while proc.poll() is None and not (log.exists() and max(losses(parts), default=0) >= 4):
+        time.sleep(0.01)                     # past the checkpoint at step 3, before the end
+    proc.send_signal(signal.SIGKILL)
+    assert proc.wait() == -signal.SIGKILL    # killed, not finished
+    killed_at = max(losses(parts))
+    assert 4 <= killed_at < 12
+    subprocess.run([sys.executable] + FLAGS + ["--out", str(parts)], cwd=REPO, env=ENV, check=True,
+                   capture_output=True, timeout=300)
+    a, b = losses(whole), losses(parts)
+    assert sorted(b) == list(range(1, 13))
+    diff = max(abs(a[s] - b[s]) for s in a)
+    print(f"[faults] killed after step {killed_at}; largest loss difference against the unbroken run: {diff:.3g}")
+    assert diff == 0, (a, b)
+
+
+def test_a_corrupt_mnist_copy_is_refused_by_its_md5(tmp_path, capsys):
+    """A truncated t10k file in the data dir (an interrupted download) is not parsed: load_digits says so and moves
+    on to the next source (here ../shared, or drawn digits) instead of failing or reading part of it."""
+    good = data.SHARED_MNIST / "t10k-images-idx3-ubyte.gz"
+    if not good.exists():
+        pytest.skip("needs ../shared/data/mnist")
+    (tmp_path / good.name).write_bytes(good.read_bytes()[:5000])
+    (tmp_path / "t10k-labels-idx1-ubyte.gz").write_bytes((data.SHARED_MNIST / "t10k-labels-idx1-ubyte.gz").read_bytes())
+    digits = data.load_digits(tmp_path, download=False)
+    out = capsys.readouterr().out
+    assert "md5 mismatch" in out and str(tmp_path / good.name) in out, out
+    assert str(data.SHARED_MNIST) in digits.source and len(digits.train_images) == 8000
+    assert (tmp_path / good.name).stat().st_size == 5000       # left for the user to delete, not silently replaced
