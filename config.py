@@ -131,7 +131,9 @@ class Config:
 
 
 PRESETS = {
-    "toy": {},  # the defaults above: 64x64, 13 frames, 4 x 8x8 latent, minutes on a 2-core CPU
+    # the CPU quickstart: 64x64, 13 frames, a 4 x 8x8 latent; one digit moving at 1.5 px/frame (standard Moving
+    # MNIST: two digits at 3.6), what a small teacher learns to draw in CPU minutes (docs/RESULTS.md, 2026-12-03)
+    "toy": dict(num_digits=1, speed=1.5, tok_steps=2000, fm_steps=6000, image_frac=0.33, eval_every=1000),
     "toy-d4": dict(down=4, z_channels=8, scales="1,2,3,4,6,8,12,16", tok_steps=4000, eval_every=1000),
     # the toy run with a 4x-compression tokenizer: 28 / 24 dB in 5 min (README), but 530 tokens per latent frame
     # instead of 85, so its generator stages take hours on a CPU

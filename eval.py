@@ -480,9 +480,10 @@ def i3d_input(video):
 
 
 # ---------------------------------------------------------------------------------------------- evaluate
-def real_clips(n, frames, size, num_digits, digits):
+def real_clips(n, frames, size, num_digits, digits, speed=3.6):
     """The real reference: n held-out Moving MNIST clips (fixed seed), digits scaled with the canvas."""
-    cfg = MovingMNISTConfig(size=size, frames=frames, num_digits=num_digits, digit_size=round(28 * size / 64))
+    cfg = MovingMNISTConfig(size=size, frames=frames, num_digits=num_digits, digit_size=round(28 * size / 64),
+                            speed=speed * size / 64)
     return moving_mnist(n, digits, "test", cfg, seed=REAL_SEED)[0]
 
 
@@ -513,18 +514,19 @@ def quick_scores(videos, prompts, digit_net, device="cpu"):
 
 
 def evaluate(videos, prompts=None, target=None, samples=None, nets=None, num_real=256, device="cpu",
-             i3d=None, digits=None):
+             i3d=None, digits=None, speed=3.6):
     """All metrics for uint8 clips [N,T,H,W(,C)] -> dict (see the module docstring for each name).
 
     prompts: N lists of digits (what each clip should show); target: true frames [N/S,T,H,W(,C)] for the
     prediction metrics; nets: (digit_net, clip_net, info) from load_nets (trained / loaded here if None);
-    i3d: an I3D with loaded weights, or a path to its state dict, for the standard FVD."""
+    i3d: an I3D with loaded weights, or a path to its state dict, for the standard FVD; speed: of the real
+    reference clips' digits (px/frame at 64 px), as in the data the clips imitate."""
     videos = check_video(videos, "videos")
     n, t, h, w, _ = videos.shape
     digits = digits or load_digits(download=False, verbose=False)
     digit_net, clip_net, info = nets or load_nets(device=device, digits=digits)
     num_digits = 2 if prompts is None else int(np.bincount([len(set(p)) for p in prompts]).argmax())
-    real = real_clips(num_real, t, h, num_digits, digits)
+    real = real_clips(num_real, t, h, num_digits, digits, speed)
     x, xr = to_unit(videos), to_unit(real)                                   # [N,T,64,64], [R,T,64,64]
     frames = rearrange(x, "n t h w -> (n t) 1 h w")
     present, frame_feats = batched(lambda f: detect(digit_net, f), frames, device)
@@ -563,7 +565,7 @@ def read_prompts(path):
 def read_inputs(p, args):
     """Every flag and input file, before the feature nets are trained or loaded (issue 20): p.error on a bad one.
     -> (videos, prompts or None, target or None)."""
-    check_flags(p, args, {"samples": "[1, 1e6]", "num_real": "[2, 1e5]", "seed": SEED})
+    check_flags(p, args, {"samples": "[1, 1e6]", "num_real": "[2, 1e5]", "speed": "[0, 64]", "seed": SEED})
     check_device(p, args.device)
     for flag, kind in (("videos", "file"), ("prompts", "file"), ("target", "file"), ("i3d", "file"),
                        ("json", "out"), ("cache", "outdir")):
@@ -597,6 +599,8 @@ def main(argv=None):
     ap.add_argument("--seed", type=int, default=0, help="seed of the feature nets' training (part of the cache key)")
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="torch device")
     ap.add_argument("--num-real", type=int, default=256, help="real held-out reference clips for the distances")
+    ap.add_argument("--speed", type=float, default=3.6, help="digit speed (px/frame on a 64-px canvas) of the real "
+                                                             "reference clips: the generated clips' data (toy: 1.5)")
     ap.add_argument("--cache", default=str(CACHE_DIR), help="where trained feature nets are cached "
                                                             "(default: $VIDEOAR_EVAL_CACHE or ~/.cache/videoar/eval)")
     ap.add_argument("--i3d", help="I3D Kinetics-400 state dict (pytorch-i3d layout, e.g. rgb_imagenet.pt) for the "
@@ -605,7 +609,8 @@ def main(argv=None):
     videos, prompts, target = read_inputs(ap, args)
     digits = load_digits(download=False)
     nets = load_nets(EvalNetConfig(seed=args.seed), args.cache, args.device, digits)
-    res = evaluate(videos, prompts, target, args.samples, nets, args.num_real, args.device, args.i3d, digits)
+    res = evaluate(videos, prompts, target, args.samples, nets, args.num_real, args.device, args.i3d, digits,
+                   args.speed)
     for k, v in res.items():
         print(f"{k:28s} {v:.4f}" if isinstance(v, float) else f"{k:28s} {v}")
     if args.json:

@@ -57,9 +57,10 @@ def prompts_for(n, num_digits, seed):
     return torch.randint(0, 10, (n, num_digits), generator=torch.Generator().manual_seed(seed))
 
 
-def score(video, prompts, nets, digits):
-    """eval.py's generation metrics of uint8 clips [N,T,H,W] made for prompts [N, digits]."""
-    r = E.evaluate(video, prompts.tolist(), nets=nets, digits=digits)
+def score(video, prompts, nets, digits, speed):
+    """eval.py's generation metrics of uint8 clips [N,T,H,W] made for prompts [N, digits], against real clips whose
+    digits move at `speed` (the run's data)."""
+    r = E.evaluate(video, prompts.tolist(), nets=nets, digits=digits, speed=speed)
     return {k: r[k] for k in METRICS}
 
 
@@ -100,7 +101,7 @@ def units(args, base, cfg, tok, digits, nets):
         z = generate_teacher(teacher, prompts.to(args.device), t, side, channels, gen, 25, 3.0, progress=False,
                              shift=cfg.fm_shift)
         video = decode(tok, stats.denormalize(z))
-    out = {"teacher (full attention, 25 steps)": {**score(video, prompts, nets, digits),
+    out = {"teacher (full attention, 25 steps)": {**score(video, prompts, nets, digits, cfg.speed),
                                                   "frames/s": video.size / video[0, 0].size / (time.perf_counter() - t0)}}
     for name, over in rows.items():
         c = dataclasses.replace(cfg, **over)
@@ -118,7 +119,7 @@ def units(args, base, cfg, tok, digits, nets):
             z = generate_student(model, prompts.to(args.device), t, t, side, channels, gen, c.unit,
                                  c.unit_kwargs(), 4, 3.0, context_len=n_units - 1, progress=False, shift=c.fm_shift)
             video = decode(tok, stats.denormalize(z))
-        out[f"{name}: {n_units} units"] = {**score(video, prompts, nets, digits), "train s": round(train_s),
+        out[f"{name}: {n_units} units"] = {**score(video, prompts, nets, digits, cfg.speed), "train s": round(train_s),
                                            "frames/s": video.size / video[0, 0].size / (time.perf_counter() - t1)}
         print(f"[units] {name}: {out[f'{name}: {n_units} units']}", flush=True)
     return out, [*METRICS, "frames/s"]
@@ -151,7 +152,7 @@ def ar(args, base, cfg, tok, digits, nets):
             with amp(args):
                 video = decode(tok, generate_ar(model, tok, prompts.to(args.device), 1 + (trained - 1) * mult, gen,
                                                 window=trained - 1, progress=False))
-            s = score(video, prompts, nets, digits)
+            s = score(video, prompts, nets, digits, cfg.speed)
             tag = "" if mult == 1 else f" {mult}x"
             r.update({f"semantic{tag}": s["semantic"], f"consistency{tag}": s["consistency"], f"fvd_mm{tag}": s["fvd_mm"]})
         gen = torch.Generator(args.device).manual_seed(args.seed)
@@ -161,7 +162,7 @@ def ar(args, base, cfg, tok, digits, nets):
                                            context=codes, window=trained - 1, progress=False))[:, ctx_frames:]
         s = E.prediction_metrics(pred, truth[:, ctx_frames:])
         r.update({"cont. mse": s["mse"], "cont. ssim": s["ssim"],
-                  "cont. semantic": score(pred, labels, nets, digits)["semantic"]})
+                  "cont. semantic": score(pred, labels, nets, digits, cfg.speed)["semantic"]})
         out[name] = r
         print(f"[ar] {name}: {r}", flush=True)
     cols = [f"{m}{tag}" for tag in ("", " 2x", " 4x") for m in ("semantic", "consistency", "fvd_mm")]
@@ -197,7 +198,7 @@ def stream(args, base, cfg, tok, digits, nets):
     print(f"[stream] {out['cost']}", flush=True)
     starts = np.linspace(0, video.shape[1] - cfg.frames, 5).astype(int)
     for s in starts:
-        out[f"frames {s}-{s + cfg.frames - 1}"] = score(video[:, s:s + cfg.frames], prompts, nets, digits)
+        out[f"frames {s}-{s + cfg.frames - 1}"] = score(video[:, s:s + cfg.frames], prompts, nets, digits, cfg.speed)
     return out, list(METRICS)
 
 
@@ -217,7 +218,7 @@ def scales(args, base, cfg, tok, digits, nets):
             f_hat = generate_ar(model, tok, prompts, codes[0].shape[1], g, context=codes, context_scales=k,
                                 progress=False)
         name = f"true scales {', '.join(map(str, tok.scales[:k]))}" if k else "all sampled"
-        rows[name] = score(decode(tok, f_hat), prompts, nets, digits)
+        rows[name] = score(decode(tok, f_hat), prompts, nets, digits, cfg.speed)
     return rows, list(METRICS)
 
 
@@ -256,7 +257,7 @@ def suite(args, base, cfg, tok, digits, nets):
     with amp(args):
         rows["tokenizer reconstructions (quantized)"] = reconstruct(tok, real, args.device, quantized=True)
         rows["tokenizer reconstructions (continuous)"] = reconstruct(tok, real, args.device, quantized=False)
-    return {name: score(v, prompts, nets, digits) for name, v in rows.items()}, list(METRICS)
+    return {name: score(v, prompts, nets, digits, cfg.speed) for name, v in rows.items()}, list(METRICS)
 
 
 @torch.no_grad()
