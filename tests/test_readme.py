@@ -1,7 +1,7 @@
 """The README's commands run as written (issue 19): every `python X.py ...` line of its bash blocks, in order, in a
 scratch directory, through X.main in this process. The tiny preset stands in for the long runs (`--config toy`
-becomes `--config tiny --out runs/toy`, so later commands find the run where the README says it is) and eval.py
-gets small feature nets; pip and pytest lines are not run."""
+becomes `--config tiny --out runs/toy` with the toy's digits and speed, so later commands find the run where the
+README says it is) and eval.py gets small feature nets; pip and pytest lines are not run."""
 import importlib
 import re
 import shlex
@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 
 import eval as E
+from config import PRESETS, Config
 
 README = Path(__file__).resolve().parents[1] / "README.md"
 
@@ -26,12 +27,14 @@ def readme_commands():
 
 
 def tiny(argv):
-    """The README's argv with the tiny preset in place of the toy one."""
+    """The README's argv with the tiny preset in place of the toy one, on the toy's data (its digits and speed)."""
+    toy = Config(**PRESETS["toy"])
+    preset = ["tiny", "--out", "runs/toy", "--num-digits", str(toy.num_digits), "--speed", str(toy.speed)]
     out = []
     for word in argv:
-        out += ["tiny", "--out", "runs/toy"] if word == "toy" and out[-1:] == ["--config"] else [word]
+        out += preset if word == "toy" and out[-1:] == ["--config"] else [word]
     if argv[0] == "train.py" and "--config" not in argv:
-        out += ["--config", "tiny", "--out", "runs/toy"]
+        out += ["--config"] + preset
     return out
 
 
