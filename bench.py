@@ -186,7 +186,6 @@ def long_video(args, cfg, flow, prompt, device, channels, side):
     """Streaming student over a long video: seconds and cache size at unit ~10 and at the last units."""
     chunk = 1 + (cfg.frames - 1) // cfg.ft
     latent = 1 + (args.long - 1) // cfg.ft
-    units = len(stream_layout(cfg.unit, chunk, chunk, side, **cfg.unit_kwargs()))
     stamps = []
 
     def on_unit(i, cache):
@@ -197,7 +196,7 @@ def long_video(args, cfg, flow, prompt, device, channels, side):
     t0 = time.perf_counter()
     with torch.no_grad():
         generate_student(flow, prompt, latent, chunk, side, channels, torch.Generator(device), cfg.unit,
-                         cfg.unit_kwargs(), 4, 3.0, None, units - 1, progress=True, on_unit=on_unit)
+                         cfg.unit_kwargs(), 4, 3.0, None, progress=True, on_unit=on_unit)
     times = [b[0] - a[0] for a, b in zip(stamps, stamps[1:])]
     n = len(times)
     early, late = sum(times[5:15]) / 10, sum(times[-10:]) / 10

@@ -117,7 +117,7 @@ def units(args, base, cfg, tok, digits, nets):
         t1 = time.perf_counter()
         with amp(args):
             z = generate_student(model, prompts.to(args.device), t, t, side, channels, gen, c.unit,
-                                 c.unit_kwargs(), 4, 3.0, context_len=n_units - 1, progress=False, shift=c.fm_shift)
+                                 c.unit_kwargs(), 4, 3.0, progress=False, shift=c.fm_shift)
             video = decode(tok, stats.denormalize(z))
         out[f"{name}: {n_units} units"] = {**score(video, prompts, nets, digits, cfg.speed), "train s": round(train_s),
                                            "frames/s": video.size / video[0, 0].size / (time.perf_counter() - t1)}
@@ -189,7 +189,7 @@ def stream(args, base, cfg, tok, digits, nets):
     gen = torch.Generator(args.device).manual_seed(args.seed)
     with amp(args):
         z = generate_student(model, prompts.to(args.device), latent, chunk, side, channels, gen, c.unit,
-                             c.unit_kwargs(), 4, 3.0, context_len=n_units - 1, on_unit=on_unit, shift=c.fm_shift)
+                             c.unit_kwargs(), 4, 3.0, on_unit=on_unit, shift=c.fm_shift)
         video = decode(tok, stats.denormalize(z))
     per_unit = np.diff([s[0] for s in stamps]) * 1e3
     out = {"cost": {"units": len(stamps), "ms/unit at units 6-15": float(per_unit[5:15].mean()),

@@ -227,9 +227,14 @@ class KVCache:
     def evict(self, max_units):
         """Keep only the newest `max_units` units."""
         units = torch.unique(self.unit)
-        if len(units) <= max_units:
-            return
-        keep = self.unit >= units[-max_units]
+        if len(units) > max_units:
+            self._keep(self.unit >= units[-max_units])
+
+    def evict_frames(self, first):
+        """Keep only the tokens of latent frames >= `first` (a rolling window in time)."""
+        self._keep(self.pos[:, 0] >= first)
+
+    def _keep(self, keep):   # keep [len(self)] bool
         idx = keep.nonzero().squeeze(1)
         self.pos, self.unit = self.pos[keep], self.unit[keep]
         for i in range(len(self.k)):

@@ -137,11 +137,13 @@ def stream_layout(kind, frames, chunk, side, **kw):
 
 
 def generate_student(model, prompts, frames, chunk, side, channels, generator, kind="cube", unit_kw=None, steps=4,
-                     cfg_scale=3.0, context=None, context_len=0, progress=True, on_unit=None, shift=1.0, exits=None):
+                     cfg_scale=3.0, context=None, context_len=-1, progress=True, on_unit=None, shift=1.0, exits=None):
     """Paper B streaming generation (Sec. 3.4): unit by unit, `steps` Euler steps each, attending to the KV cache
     of the clean earlier units without writing to it; then one clean re-forward (t=0) writes the finished unit.
-    context_len > 0 keeps only that many units in the cache (rolling: the oldest are evicted), so time and memory
-    per unit stay constant however long the video. context: scaled z [B,c,t_ctx,h,w] of given frames; units lying
+    The rolling cache keeps time and memory per unit constant however long the video: context_len -1 keeps the
+    latent frames a unit at the end of a training clip sees (a unit ending at frame f sees frames > f - chunk, so
+    attention never meets a time offset that training did not); context_len > 0 keeps that many newest units (with
+    cubes, older frames than training saw); 0 keeps everything. context: scaled z [B,c,t_ctx,h,w] of given frames; units lying
     wholly inside them are teacher-forced. Returns z [B,c,frames,h,w]; on_unit(i, cache) is called after each unit.
 
     The causal student, the DMD generator at inference and the DMD generator in training (dmd.rollout) all run
@@ -161,8 +163,8 @@ def generate_student(model, prompts, frames, chunk, side, channels, generator, k
     ts = shift_time(torch.linspace(1, 0, steps + 1), shift).tolist()
     n_generated = 0                            # units generated so far (not teacher-forced): indexes exits
     grad = exits is not None and torch.is_grad_enabled()   # called under no_grad: the same clip, no graph
-    for i, (pos, order, c0, n, u) in enumerate(tqdm(stream_layout(kind, frames, chunk, side, **unit_kw),
-                                                     desc="units", disable=not progress)):
+    layout = stream_layout(kind, frames, chunk, side, **unit_kw)
+    for i, (pos, order, c0, n, u) in enumerate(tqdm(layout, desc="units", disable=not progress)):
         pos = pos.to(device)
         unit = torch.full((len(pos),), i, device=device)
         if pos[:, 0].max() < ctx_frames:       # a unit of the given frames: its clean tokens
@@ -186,8 +188,10 @@ def generate_student(model, prompts, frames, chunk, side, channels, generator, k
             z.view(b, channels, -1)[:, :, order.to(device)] = x.transpose(1, 2)
         elif u == len(scales) - 1:             # the finest scale unit of a chunk is the latent itself
             z[:, :, c0:c0 + n] = merge(x, None, n, side)
-        if context_len:
+        if context_len > 0:
             cache.evict(context_len)
+        elif context_len < 0 and i + 1 < len(layout):   # what the next unit sees: its training-clip window
+            cache.evict_frames(layout[i + 1][0][:, 0].max().item() - chunk + 1)
         if on_unit:
             on_unit(i, cache)
     return z
@@ -203,8 +207,8 @@ def build_parser():
     p.add_argument("--steps", type=int, default=0, help="Euler steps (teacher: whole clip, default 25; "
                    "student: per unit, default 4; dmd: per unit, default the --dmd-unit-steps it was trained with, the count "
                    "it learnt besides 1)")
-    p.add_argument("--context-len", type=int, default=-1, help="student: units kept in the rolling KV cache "
-                   "(-1: one trained clip's units minus one; 0: all)")
+    p.add_argument("--context-len", type=int, default=-1, help="student and dmd: the rolling KV cache (-1: the "
+                   "latent frames a unit of a training clip sees; N > 0: the N newest units; 0: all)")
     p.add_argument("--prompt", help='digits the clips should show, left to right as they start (models trained '
                    'with ordered prompts, the default), e.g. "3 7" (default: random digits per clip)')
     p.add_argument("--num", type=int, default=8, help="number of clips")
@@ -371,13 +375,11 @@ def run_flow(p, args):
         z = generate_teacher(model, prompts, latent, side, c, gen, args.steps or 25, args.cfg, shift=cfg.fm_shift)
     else:
         chunk = 1 + (cfg.frames - 1) // cfg.ft
-        n_units = len(stream_layout(cfg.unit, chunk, chunk, side, **cfg.unit_kwargs()))
-        context_len = n_units - 1 if args.context_len < 0 else args.context_len
         try:
             z = generate_student(model, prompts, latent, chunk, side, c, gen, cfg.unit, cfg.unit_kwargs(),
                                  args.steps or (cfg.dmd_unit_steps if stage == "dmd" else 4), args.cfg,
                                  None if z_ctx is None else stats.normalize(z_ctx),
-                                 context_len, shift=cfg.fm_shift)
+                                 args.context_len, shift=cfg.fm_shift)
         except ValueError as e:
             p.error(str(e))
     return finish(data.from_model(tok.decode(stats.denormalize(z)), squeeze=False), clip, prompts)

@@ -784,11 +784,10 @@ def sample_stage(stage, model, cfg, tok, stats, prompts, generator, frames, args
                                                     shift=cfg.fm_shift))
         else:   # the causal student (4 guided steps per unit), or the DMD generator (its steps, guidance distilled)
             chunk = 1 + (cfg.frames - 1) // cfg.ft
-            units = len(stream_layout(cfg.unit, chunk, chunk, side, **cfg.unit_kwargs()))
             steps, cfg_scale = (cfg.dmd_unit_steps, 1.0) if stage == "dmd" else (4, 3.0)
             z = stats.denormalize(generate_student(model, prompts, t, chunk, side, channels, generator, cfg.unit,
-                                                   cfg.unit_kwargs(), steps, cfg_scale, context_len=units - 1,
-                                                   progress=False, shift=cfg.fm_shift))
+                                                   cfg.unit_kwargs(), steps, cfg_scale, progress=False,
+                                                   shift=cfg.fm_shift))
         video = data.from_model(tok.decode(z), squeeze=False)[..., 0]
     model.train(was_training)
     return video

@@ -125,6 +125,24 @@ def test_student_memory_is_bounded_by_the_context_length(model):
     assert max(sizes) == 3 and sizes[-1] == 3
 
 
+@pytest.mark.parametrize("kind,kw", [("frame", {}), ("cube", dict(cube=(2, 4, 4))), ("cube", dict(cube=(1, 4, 4))),
+                                     ("scale", dict(scales=SCALES))])
+def test_rolling_cache_keeps_time_offsets_inside_the_training_clip(model, kind, kw):
+    """The default rolling cache (context_len -1): when a unit is generated, the oldest cached frame is at most
+    T - 1 latent frames before the unit's last frame, the largest offset a T-frame training clip shows; and the
+    cache still holds that whole window (the unit sees all the context it saw in training)."""
+    layout = sample.stream_layout(kind, 12, T, SIDE, **kw)
+    seen = []       # after unit i: (frames of unit i + 1, cached frames) -- what unit i + 1 attends to
+    sample.generate_student(model, torch.tensor([[1, 2]]), 12, T, SIDE, C, torch.Generator().manual_seed(0), kind, kw,
+                            steps=1, cfg_scale=1.0, progress=False,
+                            on_unit=lambda i, cache: seen.append((layout[(i + 1) % len(layout)][0][:, 0],
+                                                                  set(cache.pos[:, 0].tolist()))))
+    for unit_frames, cached in seen[:-1]:
+        first, last = int(unit_frames.min()), int(unit_frames.max())
+        assert last - min(cached, default=last) <= T - 1, (kind, kw, last, sorted(cached))
+        assert set(range(max(0, last - T + 1), first)) <= cached                # the window before the unit is kept
+
+
 @pytest.mark.parametrize("method", ["teacher", "student"])
 def test_samplers_walk_the_shifted_time_grid(model, monkeypatch, method):
     """--fm-shift is applied at sampling as in training (model.shift_time): the times the model is asked about are
