@@ -144,7 +144,8 @@ def generate_student(model, prompts, frames, chunk, side, channels, generator, k
     latent frames a unit at the end of a training clip sees (a unit ending at frame f sees frames > f - chunk, so
     attention never meets a time offset that training did not); context_len > 0 keeps that many newest units (with
     cubes, older frames than training saw); 0 keeps everything. context: scaled z [B,c,t_ctx,h,w] of given frames; units lying
-    wholly inside them are teacher-forced. Returns z [B,c,frames,h,w]; on_unit(i, cache) is called after each unit.
+    wholly inside them are teacher-forced; in a unit straddling them, the given tokens are held at their values
+    noised to each step's t (replacement inpainting) and end exactly at them, while the rest is generated. Returns z [B,c,frames,h,w]; on_unit(i, cache) is called after each unit.
 
     The causal student, the DMD generator at inference and the DMD generator in training (dmd.rollout) all run
     here. exits (training): per generated unit, the Euler step j at which it stops and jumps straight to t = 0,
@@ -167,20 +168,30 @@ def generate_student(model, prompts, frames, chunk, side, channels, generator, k
     for i, (pos, order, c0, n, u) in enumerate(tqdm(layout, desc="units", disable=not progress)):
         pos = pos.to(device)
         unit = torch.full((len(pos),), i, device=device)
-        if pos[:, 0].max() < ctx_frames:       # a unit of the given frames: its clean tokens
-            x = partition(context, order) if order is not None else \
-                partition(context[:, :, c0:c0 + n], None, scales[u:u + 1])
+        given = pos[:, 0] < ctx_frames         # [l] tokens of given frames
+        if given.any():                        # their clean values; frame-major, so the given tokens lead
+            x0_given = (partition(context, order[given.cpu()]) if order is not None else
+                        partition(context[:, :, c0:ctx_frames], None, scales[u:u + 1]))
+        if given.all():                        # a unit of the given frames: teacher-forced
+            x = x0_given
         else:
             x = torch.randn(b, len(pos), channels, generator=generator, device=device)
             noisy = torch.ones(len(pos), dtype=torch.bool, device=device)
             stop = steps - 1 if exits is None else int(exits[n_generated])
             n_generated += 1
+            eps_given = x[:, given]
             for j in range(stop + 1):
                 t, t_next = ts[j], ts[j + 1] if j < stop else 0.0        # exiting at step j: straight to t = 0
+                if given.any():   # a unit straddling the given frames: their tokens follow the given values,
+                    x = x.clone()  # noised to the current t (replacement inpainting); the rest is generated
+                    x[:, given] = (1 - t) * x0_given + t * eps_given
                 with torch.set_grad_enabled(grad and j == stop):
                     v = guided_velocity(model, x, pos, unit, prompt_in, drop, t, b, cfg_scale, mask="forward",
                                         noisy=noisy, cache=cache)
                 x = x + (t_next - t) * v
+            if given.any():
+                x = x.clone()
+                x[:, given] = x0_given
         with torch.no_grad():   # the cache holds the finished unit detached: no gradient reaches earlier units
             model(torch.cat([x, x]) if doubled else x, pos, unit, prompt_in, drop=drop,
                   t=torch.zeros(len(prompt_in), len(pos), device=device), mask="forward", cache=cache, append=True)

@@ -115,6 +115,19 @@ def test_student_stream_teacher_forced_equals_masked_forward(model, kind, kw, n_
     assert torch.allclose(out, z)
 
 
+@pytest.mark.parametrize("kind,kw", [("cube", dict(cube=(2, 4, 4))), ("scale", dict(scales=SCALES))])
+def test_continuation_sees_given_frames_inside_straddling_units(model, kind, kw):
+    """One given latent frame, units spanning two or more frames (issue 19, bug 1): no unit lies wholly inside the
+    given frames, yet the generated frames depend on them, and the given frame comes back exactly."""
+    def continue_from(ctx):
+        return sample.generate_student(model, torch.tensor([[1, 2]]), T, T, SIDE, C, torch.Generator().manual_seed(0),
+                                       kind, kw, steps=2, cfg_scale=1.0, context=ctx, progress=False)
+    a, b = torch.randn(2, 1, C, 1, SIDE, SIDE).unbind(0)
+    za, zb = continue_from(a), continue_from(b)
+    torch.testing.assert_close(za[:, :, :1], a)
+    assert (za[:, :, 1:] - zb[:, :, 1:]).abs().max() > 1e-3
+
+
 def test_student_memory_is_bounded_by_the_context_length(model):
     """With a rolling cache of n units, the cache never holds more than n units, however long the video."""
     sizes = []
