@@ -14,7 +14,6 @@ with eval.py. Finished rows are skipped when the command is run again (checkpoin
 The base run is `python train.py --config toy` (or any config). Each command prints a markdown table and writes
 <base>/<command>.json.
 """
-import argparse
 import dataclasses
 import json
 import os
@@ -30,7 +29,8 @@ import data
 import eval as E
 import tokenizer
 import train
-from config import Config, add_precision_flag, autocast, load_checkpoint
+from config import (SEED, Config, Parser, add_precision_flag, autocast, check_device, check_flags, check_path,
+                    load_checkpoint, one_line_errors)
 from model import Transformer, partition, unit_layout
 from sample import generate_ar, generate_student, generate_teacher, stream_layout
 
@@ -346,8 +346,7 @@ def positions(args, base, cfg, tok, digits, nets):
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0], allow_abbrev=False,
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p = Parser(description=__doc__.split("\n")[0], prog="experiments.py")
     p.add_argument("what", choices=["units", "ar", "stream", "suite", "scales", "codes", "prompt", "positions"],
                    help="which table")
     p.add_argument("--base", default="runs/toy", help="the base run directory (python train.py --config toy)")
@@ -360,10 +359,15 @@ def main(argv=None):
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="cpu or cuda[:i]")
     add_precision_flag(p)
     args = p.parse_args(argv)
+    check_flags(p, args, {"num": "[1, 1e5]", "long": "[1, 1e6]", "steps": "[1, 1e7]", "pool": "[1, 1e7]", "seed": SEED})
+    check_device(p, args.device)
+    check_path(p, "--base", args.base, "dir")
     base = Path(args.base)
-    tok, _ = train.load_tokenizer(base, args.device)
-    cfg = Config(**load_checkpoint(base / {"ar": "ar.pt", "scales": "ar.pt", "suite": "tokenizer.pt", "codes": "tokenizer.pt",
-                                             "positions": "tokenizer.pt"}.get(args.what, "teacher.pt"))["config"])
+    with one_line_errors(p):   # a run without the checkpoints this table needs: one line, not a traceback
+        tok, _ = train.load_tokenizer(base, args.device)
+        cfg = Config(**load_checkpoint(base / {"ar": "ar.pt", "scales": "ar.pt", "suite": "tokenizer.pt",
+                                               "codes": "tokenizer.pt", "positions": "tokenizer.pt"}
+                                       .get(args.what, "teacher.pt"))["config"])
     digits = data.load_digits(cfg.data_dir or None, download=False)
     nets = E.load_nets(device=args.device, digits=digits)
     torch.manual_seed(args.seed)

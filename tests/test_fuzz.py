@@ -231,6 +231,9 @@ def test_bench_refuses_every_bad_flag_before_work(files, capsys, monkeypatch):
     (["sample.py", "--ckpt", "{run}", "--method", "ar", "--num", "0", "--npy", "{tmp}/x.npy"], "x.npy"),
     (["sample.py", "--ckpt", "{run}", "--method", "teacher", "--steps", "-3", "--npy", "{tmp}/x.npy"], "x.npy"),
     (["eval.py", "--videos", "{files}/float.npy", "--json", "{tmp}/r.json", "--cache", "{tmp}/cache"], "cache"),
+    (["experiments.py", "units", "--base", "{run}", "--num", "0"], "{run}/units.json"),
+    (["experiments.py", "stream", "--base", "{tmp}/missing"], "stream.json"),
+    (["experiments.py", "suite", "--base", "{tmp}"], "suite.json"),                 # a folder without a run
 ])
 def test_the_shell_sees_exit_status_2_and_one_line(run, files, tmp_path, argv, unwritten):
     """The issue's reports, as a user runs them: exit status 2, one line on stderr, nothing written."""
@@ -238,7 +241,7 @@ def test_the_shell_sees_exit_status_2_and_one_line(run, files, tmp_path, argv, u
     r = subprocess.run([sys.executable] + argv, cwd=REPO, capture_output=True, text=True, timeout=120,
                        env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert r.returncode == 2 and r.stderr.count("\n") == 1 and "Traceback" not in r.stderr, r.stderr
-    assert not (tmp_path / unwritten).exists()
+    assert not (tmp_path / unwritten.format(tmp=tmp_path, run=run, files=files)).exists()   # absolute: as given
 
 
 def test_figures():
