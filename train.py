@@ -215,11 +215,11 @@ class Curve:
         if not self.n:
             return
         import eval as E
-        t = time.perf_counter()
+        t, train_s = time.perf_counter(), self.train_s()   # read before scoring: this point's scoring is not training
         gen = torch.Generator(self.device).manual_seed(4321)   # the same prompts and noise at every point
         prompts = torch.randint(0, 10, (self.n, self.cfg.num_digits), generator=gen, device=self.device)
         r = E.quick_scores(sample(prompts, gen, frames), prompts.tolist(), self.digit_net, self.device)
-        row = dict(step=step, train_s=self.train_s(), frames=frames, **r)
+        row = dict(step=step, train_s=train_s, frames=frames, **r)
         log(self.out, stage=self.stage, curve=row)
         bar.write(f"[{self.stage}] step {step}, {row['train_s'] / 60:.1f} min: {frames}-frame samples score semantic "
                   f"{r['semantic']:.3f}, consistency {r['consistency']:.3f}")

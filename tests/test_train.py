@@ -2,6 +2,7 @@
 import hashlib
 import json
 import shutil
+import time
 
 import numpy as np
 import pytest
@@ -251,6 +252,12 @@ def test_multi_stage_trains_single_images_first_then_clips(run, tmp_path, stage,
 def test_curve_scores_samples_at_each_checkpoint(run, tmp_path, monkeypatch):
     import eval as E
     monkeypatch.setattr(E, "load_nets", lambda **kw: (E.DigitNet(8).eval(), None, {}))   # untrained: fast
+    scores, calls = E.quick_scores, []
+    def slow_first(*a):            # the first point's scoring takes a second: it must not count as training time
+        calls.append(1)
+        time.sleep(1.0 if len(calls) == 1 else 0.0)
+        return scores(*a)
+    monkeypatch.setattr(E, "quick_scores", slow_first)
     shutil.copy(run / "tokenizer.pt", tmp_path)
     train.main(["--config", "tiny", "--stage", "teacher", "--fm-steps", "4", "--eval-every", "2", "--curve", "3",
                 "--image-frac", "0", "--device", "cpu", "--out", str(tmp_path)])
