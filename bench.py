@@ -14,11 +14,11 @@ import torch.nn.functional as F
 from torch.utils.flop_counter import FlopCounterMode
 
 import data
+from checkpoint import build_ar
 from config import SEED, autocast, check_config, check_device, check_flags, config_from_args, parser
-from model import Transformer, ar_sequence, frame_scale_layout, partition, unit_layout
+from model import Layout, Transformer, ar_sequence, frame_scale_layout, partition, unit_layout
 from sample import generate_ar, generate_student, generate_teacher, stream_layout
 from tokenizer import LatentStats, Tokenizer
-from train import build_ar
 
 
 def matmul_peak(device, n=2048, reps=10):
@@ -61,22 +61,23 @@ def peak_mem_mb(device):
 def train_steps(cfg, tok, ar, flow, device, b, amp, fstats):
     """One optimizer-free training step (forward under `amp()`, then backward) of each stage, on b clips."""
     digits = data.load_digits(cfg.data_dir or None, verbose=False)
-    video, labels = data.moving_mnist(b, digits, "train", cfg.mm_config(), seed=0)
+    video, labels = data.moving_mnist(b, digits, "train", data.mm_config(cfg), seed=0)
     x = data.to_model(video, device)
     prompt = torch.from_numpy(labels).to(device)
-    t = 1 + (cfg.frames - 1) // cfg.ft
-    pos, unit, _ = (a.to(device) for a in frame_scale_layout(t, tok.scales, tok.latent_side))
-    level = unit % len(tok.scales)
+    n_latent = 1 + (cfg.frames - 1) // cfg.ft
+    pos, unit, _ = (a.to(device) for a in frame_scale_layout(n_latent, tok.scales, tok.latent_side))
+    ar_layout = Layout(pos, unit, level=unit % len(tok.scales))
     with torch.no_grad():
         z = tok.encode(x)
         codes, inputs, f_hat, _ = tok.quantize(z)
     xs, ys = ar_sequence(inputs, codes, f_hat)
     tok_x = data.to_model(video[:, :cfg.tok_frames], device)
     zf, fside = fstats.normalize(z), fstats.shape(cfg.z_channels, tok.latent_side)[1]   # the flow models' tokens
-    order, fpos, funit = unit_layout(cfg.unit, t, fside, **cfg.unit_kwargs())
+    order, fpos, funit = unit_layout(cfg.unit, n_latent, fside, **cfg.unit_kwargs())
     x0 = partition(zf, order, cfg.unit_kwargs()["scales"])
     noisy = torch.cat([torch.zeros_like(funit, dtype=torch.bool), torch.ones_like(funit, dtype=torch.bool)]).to(device)
     fpos, funit = fpos.to(device), funit.to(device)
+    causal_layout = Layout(torch.cat([fpos, fpos]), torch.cat([funit, funit]), mask="forward", noisy=noisy)
 
     def tokenizer_step():
         with amp():
@@ -86,22 +87,21 @@ def train_steps(cfg, tok, ar, flow, device, b, amp, fstats):
 
     def ar_step():
         with amp():
-            loss = F.cross_entropy(ar(xs, pos, unit, prompt, level=level).flatten(0, 1), ys.flatten())
+            loss = F.cross_entropy(ar(xs, ar_layout, prompt).flatten(0, 1), ys.flatten())
         loss.backward()
 
-    raster, rpos, runit = unit_layout("frame", t, fside)
-    xr, rpos, runit = partition(zf, raster), rpos.to(device), runit.to(device)
+    raster, rpos, runit = unit_layout("frame", n_latent, fside)
+    xr, teacher_layout = partition(zf, raster), Layout(rpos.to(device), runit.to(device), mask="full")
 
     def teacher_step():
         with amp():
-            loss = flow(xr, rpos, runit, prompt, mask="full", t=torch.rand(b, len(runit), device=device)).square().mean()
+            loss = flow(xr, teacher_layout, prompt, flow_t=torch.rand(b, len(runit), device=device)).square().mean()
         loss.backward()
 
     def causal_step():
-        tt = torch.rand(b, 2 * len(funit), device=device)
+        flow_t = torch.rand(b, 2 * len(funit), device=device)
         with amp():
-            loss = flow(torch.cat([x0, x0], 1), torch.cat([fpos, fpos]), torch.cat([funit, funit]), prompt,
-                        mask="forward", noisy=noisy, t=tt).float().square().mean()
+            loss = flow(torch.cat([x0, x0], 1), causal_layout, prompt, flow_t=flow_t).float().square().mean()
         loss.backward()
 
     return {"train tokenizer": (tokenizer_step, b * cfg.tok_frames), "train ar": (ar_step, b * cfg.frames),
@@ -128,19 +128,18 @@ def main(argv=None):
     tok = Tokenizer(cfg.tokenizer_config(), cfg.size).to(device).eval()
     ar = build_ar(cfg, cfg.vocab).to(device)
     flow = Transformer(cfg.model_config()).to(device)
-    t = 1 + (cfg.frames - 1) // cfg.ft
-    side, c, n = tok.latent_side, cfg.z_channels, args.num
-    fstats = LatentStats(torch.zeros(c), torch.ones(c), cfg.fm_patch)    # unit stats: only the flow's token grid
-    fc, fside = fstats.shape(c, side)
+    n_latent = 1 + (cfg.frames - 1) // cfg.ft
+    side, channels, n = tok.latent_side, cfg.z_channels, args.num
+    fstats = LatentStats(torch.zeros(channels), torch.ones(channels), cfg.fm_patch)   # unit stats: the token grid only
+    fc, fside = fstats.shape(channels, side)
     prompts = torch.randint(0, 10, (n, cfg.num_digits), device=device)
     gen = torch.Generator(device)
     amp = lambda: autocast(device, args.precision)           # noqa: E731 (a fresh context per use)
     with amp():                                               # the peak in the precision the rows run in
         peak = matmul_peak(device)
     print(f"device {device}, threads {torch.get_num_threads()}, precision {args.precision}, matmul peak {peak:.0f} "
-          f"GFLOP/s; config: "
-          f"{cfg.frames} frames of {cfg.size}x{cfg.size}, latent {t}x{side}x{side}x{c}, scales {tok.scales}, "
-          f"model dim {cfg.dim} depth {cfg.depth}")
+          f"GFLOP/s; config: {cfg.frames} frames of {cfg.size}x{cfg.size}, "
+          f"latent {n_latent}x{side}x{side}x{channels}, scales {tok.scales}, model dim {cfg.dim} depth {cfg.depth}")
     print("fwd/frame: transformer forward passes per video frame (ar: K scales per latent frame; teacher: one per "
           "step for the whole clip; student and dmd: (steps + 1 clean re-forward) per unit)")
     print(f"{'what':40s} {'s/call':>8s} {'frames/s':>9s} {'GFLOP/s':>8s} {'of peak':>8s} {'fwd/frame':>9s} {'peak MB':>8s}")
@@ -152,27 +151,27 @@ def main(argv=None):
 
     with torch.no_grad(), amp():
         clips = data.to_model(data.moving_mnist(n, data.load_digits(cfg.data_dir or None, verbose=False), "test",
-                                                cfg.mm_config(), seed=0)[0], device)
+                                                data.mm_config(cfg), seed=0)[0], device)
         row("tokenizer encode + decode (continuous)", lambda: tok.decode(tok.encode(clips)), n * cfg.frames)
         row("tokenizer encode + quantize + decode", lambda: tok.decode(tok.quantize(tok.encode(clips))[2]),
             n * cfg.frames)
-        row("sample ar (CFG 3)", lambda: tok.decode(generate_ar(ar, tok, prompts, t, gen, progress=False)),
-            n * cfg.frames, f"{len(tok.scales) * t / cfg.frames:.2f}")
+        row("sample ar (CFG 3)", lambda: tok.decode(generate_ar(ar, tok, prompts, n_latent, gen, progress=False)),
+            n * cfg.frames, f"{len(tok.scales) * n_latent / cfg.frames:.2f}")
         for steps in (25, 50):
             row(f"sample teacher {steps} steps (CFG 3)",
-                lambda: tok.decode(fstats.denormalize(generate_teacher(flow, prompts, t, fside, fc, gen, steps,
-                                                                       progress=False))),
+                lambda: tok.decode(fstats.denormalize(generate_teacher(flow, prompts, n_latent, fside, fc, gen,
+                                                                       steps, progress=False))),
                 n * cfg.frames, f"{steps / cfg.frames:.2f}")
-        units = len(stream_layout(cfg.unit, t, t, fside, **cfg.unit_kwargs()))
+        units = len(stream_layout(cfg.unit, n_latent, n_latent, fside, **cfg.unit_kwargs()))
         row(f"sample student {cfg.unit} 4 steps (CFG 3)",
-            lambda: tok.decode(fstats.denormalize(generate_student(flow, prompts, t, t, fside, fc, gen, cfg.unit,
-                                                                   cfg.unit_kwargs(), 4, progress=False))),
+            lambda: tok.decode(fstats.denormalize(generate_student(flow, prompts, n_latent, n_latent, fside, fc, gen,
+                                                                   cfg.unit, cfg.unit_kwargs(), 4, progress=False))),
             n * cfg.frames, f"{units * 5 / cfg.frames:.2f}")
         for steps in (1, 4):   # the DMD generator: the student's architecture and sampler, few steps, no CFG
             row(f"sample dmd {cfg.unit} {steps} steps (no CFG)",
-                lambda: tok.decode(fstats.denormalize(generate_student(flow, prompts, t, t, fside, fc, gen, cfg.unit,
-                                                                       cfg.unit_kwargs(), steps, cfg_scale=1.0,
-                                                                       progress=False))),
+                lambda: tok.decode(fstats.denormalize(generate_student(flow, prompts, n_latent, n_latent, fside, fc,
+                                                                       gen, cfg.unit, cfg.unit_kwargs(), steps,
+                                                                       cfg_scale=1.0, progress=False))),
                 n * cfg.frames, f"{units * (steps + 1) / cfg.frames:.2f}")
     b = cfg.ar_batch
     for name, (fn, frames) in train_steps(cfg, tok.train(), ar, flow, device, b, amp, fstats).items():

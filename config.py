@@ -1,5 +1,5 @@
 """One config for every script: presets (`--config toy` is the CPU default), flags derived from the fields,
-device choice, and atomic checkpoints that carry their config.
+device choice, and the checks of every flag before any work (checkpoints that carry a config: checkpoint.py).
 
 Each field of `Config` is a flag (`--tok-steps 500`); its help is the field's comment. A preset only overrides
 some fields; the rest keep the defaults written here.
@@ -15,6 +15,9 @@ from pathlib import Path
 
 import numpy as np
 import torch
+
+from model import ModelConfig
+from tokenizer import TokenizerConfig
 
 
 def _f(default, help):
@@ -104,14 +107,12 @@ class Config:
     eval_clips: int = _f(32, "held-out clips for evaluation")
 
     def tokenizer_config(self):
-        from tokenizer import TokenizerConfig
         scales = tuple(int(s) for s in self.scales.split(",")) if self.scales else ()
         return TokenizerConfig(channels=1, ft=self.ft, down=self.down, patch=self.patch, width=self.width,
                                z_channels=self.z_channels, vocab=self.vocab, scales=scales, beta=self.tok_beta)
 
     def model_config(self, vocab=0):
-        from model import ModelConfig
-        """The flow models' transformer (paper A's replaces in_channels and adds levels: train.build_ar)."""
+        """The flow models' transformer (paper A's replaces in_channels and adds levels: checkpoint.build_ar)."""
         return ModelConfig(dim=self.dim, depth=self.depth, heads=self.heads, vocab=vocab,
                            in_channels=self.z_channels * self.fm_patch ** 2,
                            slots=self.num_digits if self.ordered_prompt else 0)
@@ -123,11 +124,6 @@ class Config:
         scales = self.tokenizer_config().scale_schedule(self.size // self.down)
         return dict(stride=self.stride, cube=tuple(int(v) for v in self.cube.split(",")),
                     scales=tuple(s for s in scales if s <= side))
-
-    def mm_config(self, frames=None):
-        from data import MovingMNISTConfig
-        return MovingMNISTConfig(size=self.size, frames=frames or self.frames, num_digits=self.num_digits,
-                                 speed=self.speed)
 
 
 PRESETS = {
@@ -338,35 +334,3 @@ def seed_everything(seed):
     random.seed(seed)
     np.random.seed(seed)
     torch.manual_seed(seed)
-
-
-# --------------------------------------------------------------------------------------------- checkpoints
-def save_checkpoint(path, **state):
-    """Write atomically: a crash mid-save leaves the previous checkpoint intact."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".part")
-    torch.save(state, tmp)
-    os.replace(tmp, path)
-
-
-def load_checkpoint(path, expect_config=None, keys=()):
-    """Load a checkpoint; with expect_config, refuse one written under different config fields `keys`."""
-    path = Path(path)
-    if not path.exists():
-        raise CheckError(f"no checkpoint at {path}")
-    try:
-        state = torch.load(path, map_location="cpu", weights_only=False)
-    except Exception as e:
-        raise CheckError(f"{path} is not a readable checkpoint ({type(e).__name__}: {e}); "
-                         f"delete it or point --out elsewhere") from e
-    if not isinstance(state, dict) or "config" not in state:
-        raise CheckError(f"{path} is not a checkpoint of this project (no config inside)")
-    if expect_config is not None:
-        saved = state["config"]
-        diff = {k: (saved.get(k), getattr(expect_config, k)) for k in keys if saved.get(k) != getattr(expect_config, k)}
-        if diff:
-            raise CheckError(f"{path} was written with a different config: "
-                               + ", ".join(f"--{k.replace('_', '-')} {a!r} there, {b!r} now" for k, (a, b) in diff.items())
-                               + ". Use the same flags, or another --out.")
-    return state

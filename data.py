@@ -22,6 +22,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from config import SEED, Parser, check_flags, check_path
+
 REPO = Path(__file__).resolve().parent
 DEFAULT_DATA_DIR = Path(os.environ.get("VIDEOAR_DATA", Path.home() / ".cache" / "videoar" / "mnist"))
 SHARED_MNIST = REPO.parent / "shared" / "data" / "mnist"
@@ -174,6 +176,11 @@ class MovingMNISTConfig:
     num_digits: int = 2
     speed: float = 3.6      # pixels per frame (Srivastava et al.: step 0.1 of the (64-28) range)
     digit_size: int = 28
+
+
+def mm_config(cfg, frames=None):
+    """The Moving MNIST clips of a run's config.Config: its clip length, or `frames` frames."""
+    return MovingMNISTConfig(size=cfg.size, frames=frames or cfg.frames, num_digits=cfg.num_digits, speed=cfg.speed)
 
 
 def moving_mnist(n, digits: Digits, split="train", cfg=MovingMNISTConfig(), seed=0):
@@ -357,7 +364,6 @@ def save_mp4(path, video, fps=8):
 def main(argv=None):
     """Write Moving MNIST clips to look at, reconstruct or score: uint8 .npy [N,T,H,W], their digits in a .txt
     beside it (one line per clip, what eval.py --prompts reads), and optionally a GIF."""
-    from config import SEED, Parser, check_flags, check_path   # the scripts' shared checks (config imports data lazily too)
     p = Parser(description=main.__doc__.split(":")[0], prog="data.py")
     p.add_argument("--npy", required=True, help="output clips, uint8 [N,T,H,W]; the prompts go to the same name .txt")
     p.add_argument("--num", type=int, default=8, help="number of clips")

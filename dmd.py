@@ -45,6 +45,8 @@ Training (train.py --stage dmd), per generator update:
      real scorer (teacher, full attention, CFG) and the fake rule (`fake_x0`), and the surrogate
      (`distribution_matching_loss`) backpropagated through the rollout.
 """
+from dataclasses import replace
+
 import torch
 import torch.nn.functional as F
 
@@ -120,11 +122,11 @@ def flow_matching_loss(velocity, x0, t, generator):
 
 
 # ---------------------------------------------------------------------------------- paper B's generator and scorers
-def rollout(model, prompts, frames, side, channels, generator, kind, unit_kw, steps, shift):
-    """G_theta(z) of Eq. 2: one clip of `frames` latent frames from the causal generator, run exactly as at inference
+def rollout(model, prompts, n_latent, side, channels, generator, kind, unit_kw, steps, shift):
+    """G_theta(z) of Eq. 2: one clip of `n_latent` latent frames from the causal generator, run exactly as at inference
     (sample.generate_student: unit by unit with the KV cache, `steps` Euler steps per unit, the finished unit
     re-forwarded clean into the cache; Self Forcing, Huang et al. 2025), without CFG (the generator learns the real
-    score's guidance). Returns z [B,c,frames,h,w], carrying the gradient of one exit step per unit.
+    score's guidance). Returns z [B,c,n_latent,h,w], carrying the gradient of one exit step per unit.
 
     Each unit exits at a step j drawn uniformly from its `steps` and jumps from there to t = 0; only that forward
     keeps its graph. Why: backpropagating through every step would keep `steps` forwards' activations per unit (and,
@@ -133,32 +135,35 @@ def rollout(model, prompts, frames, side, channels, generator, kind, unit_kw, st
     whatever `steps`. Random exits train the finish from every point of the step grid: exit 0 is the one-step
     generator, exits at the last step the `steps`-step one; other step counts at inference reach the grid's times
     by other paths, untrained."""
-    n_units = len(stream_layout(kind, frames, frames, side, **unit_kw))
+    n_units = len(stream_layout(kind, n_latent, n_latent, side, **unit_kw))
     exits = torch.randint(0, steps, (n_units,), generator=generator, device=generator.device).tolist()
-    return generate_student(model, prompts, frames, frames, side, channels, generator, kind, unit_kw, steps,
+    return generate_student(model, prompts, n_latent, n_latent, side, channels, generator, kind, unit_kw, steps,
                             cfg_scale=1.0, progress=False, shift=shift, exits=exits)
 
 
-def real_x0(teacher, pos, unit, prompts, cfg_scale):
+def real_x0(teacher, layout, prompts, cfg_scale):
     """s_real: the frozen full-attention teacher with classifier-free guidance (the only guided score), as
     (x_t [B,L,c], t [B,L]) -> x0 [B,L,c]. Full attention makes the token order irrelevant, so it reads the clip in the
-    generator's unit layout (pos, unit) like the fake scorers."""
+    generator's unit layout (a model.Layout; its mask is replaced by 'full') like the fake scorers."""
+    full = replace(layout, mask="full")
+
     def x0(x_t, t):
         b = len(x_t)
         prompt_in, drop = cfg_batch(prompts, b, cfg_scale, x_t.device)
-        return denoised(x_t, guided_velocity(teacher, x_t, pos, unit, prompt_in, drop, t[:, 0], b, cfg_scale,
-                                             mask="full"), t)
+        return denoised(x_t, guided_velocity(teacher, x_t, full, prompt_in, drop, t[:, 0], b, cfg_scale), t)
     return x0
 
 
-def fake_velocity(fakes, mask, pos, unit, prompts):
-    """One fake scorer (fakes[mask], attending under `mask` over the generator's units) as (x_t, t) -> v."""
-    return lambda x_t, t: fakes[mask](x_t, pos, unit, prompts, mask=mask, t=t)
+def fake_velocity(fakes, mask, layout, prompts):
+    """One fake scorer (fakes[mask], attending under `mask` over the generator's units, a model.Layout) as
+    (x_t, t) -> v."""
+    masked = replace(layout, mask=mask)
+    return lambda x_t, t: fakes[mask](x_t, masked, prompts, flow_t=t)
 
 
-def fake_x0(fakes, rule, pos, unit, prompts):
+def fake_x0(fakes, rule, layout, prompts):
     """s_gen under a --dmd-fake rule, as (x_t [B,L,c], t [B,L]) -> x0 [B,L,c]: each scorer's x0, then `combine`."""
-    return lambda x_t, t: combine({m: denoised(x_t, fake_velocity(fakes, m, pos, unit, prompts)(x_t, t), t)
+    return lambda x_t, t: combine({m: denoised(x_t, fake_velocity(fakes, m, layout, prompts)(x_t, t), t)
                                    for m in fake_masks(rule)}, rule)
 
 

@@ -25,14 +25,15 @@ from types import SimpleNamespace
 import numpy as np
 import torch
 
+import checkpoint
 import data
 import eval as E
 import tokenizer
 import train
 from config import (SEED, Config, Parser, add_precision_flag, autocast, check_device, check_flags, check_path,
-                    load_checkpoint, one_line_errors)
-from model import Transformer, partition, unit_layout
-from sample import generate_ar, generate_student, generate_teacher, stream_layout
+                    one_line_errors)
+from model import Layout, Transformer, flow_pair, flow_times, partition, unit_layout
+from sample import generate_ar, generate_student, generate_teacher, reconstruct, sample_stage, stream_layout
 
 METRICS = ("semantic", "consistency", "fvd_mm", "fid_mm", "motion")
 
@@ -86,19 +87,19 @@ def amp(args):
 def units(args, base, cfg, tok, digits, nets):
     """Paper B Table 2 (unit type) and Table 3 (cube size) on Moving MNIST: one causal student per row, each
     initialised from the same teacher and trained for cfg.causal_steps; 4 Euler steps per unit, CFG 3."""
-    teacher, _, stats = train.load_flow(base, "teacher", args.device, tok)
-    t, (channels, side) = 1 + (cfg.frames - 1) // cfg.ft, stats.shape(cfg.z_channels, tok.latent_side)
+    teacher, _, stats = checkpoint.load_flow(base, "teacher", args.device, tok)
+    n_latent, (channels, side) = 1 + (cfg.frames - 1) // cfg.ft, stats.shape(cfg.z_channels, tok.latent_side)
     rows = {"frame": dict(unit="frame"), f"keydetail (k={cfg.stride})": dict(unit="keydetail"),
             "scale": dict(unit="scale")}
     for name, (a, b) in {"t/2 x h/2 x w/2": (2, 2), "t/4 x h/4 x w/4": (4, 4), "t x h/2 x w/2": (1, 2)}.items():
-        cube = f"{max(1, t // a)},{side // b},{side // b}"
-        if t % max(1, t // a) == 0 and cube not in [r.get("cube") for r in rows.values()]:   # e.g. t = 3 has no t/2
+        cube = f"{max(1, n_latent // a)},{side // b},{side // b}"
+        if n_latent % max(1, n_latent // a) == 0 and cube not in [r.get("cube") for r in rows.values()]:  # 3: no t/2
             rows[f"cube {name} ({cube.replace(',', 'x')})"] = dict(unit="cube", cube=cube)
     prompts = prompts_for(args.num, cfg.num_digits, args.seed)
     gen = torch.Generator(args.device).manual_seed(args.seed)
     t0 = time.perf_counter()
     with amp(args):
-        z = generate_teacher(teacher, prompts.to(args.device), t, side, channels, gen, 25, 3.0, progress=False,
+        z = generate_teacher(teacher, prompts.to(args.device), n_latent, side, channels, gen, 25, 3.0, progress=False,
                              shift=cfg.fm_shift)
         video = decode(tok, stats.denormalize(z))
     out = {"teacher (full attention, 25 steps)": {**score(video, prompts, nets, digits, cfg.speed),
@@ -111,12 +112,12 @@ def units(args, base, cfg, tok, digits, nets):
         t1 = time.perf_counter()
         train.train_flow(c, train_args(args), digits, d, tok, "causal")
         train_s = time.perf_counter() - t1
-        model, c, stats = train.load_flow(d, "causal", args.device, tok)
-        n_units = len(stream_layout(c.unit, t, t, side, **c.unit_kwargs()))
+        model, c, stats = checkpoint.load_flow(d, "causal", args.device, tok)
+        n_units = len(stream_layout(c.unit, n_latent, n_latent, side, **c.unit_kwargs()))
         gen = torch.Generator(args.device).manual_seed(args.seed)
         t1 = time.perf_counter()
         with amp(args):
-            z = generate_student(model, prompts.to(args.device), t, t, side, channels, gen, c.unit,
+            z = generate_student(model, prompts.to(args.device), n_latent, n_latent, side, channels, gen, c.unit,
                                  c.unit_kwargs(), 4, 3.0, progress=False, shift=c.fm_shift)
             video = decode(tok, stats.denormalize(z))
         out[f"{name}: {n_units} units"] = {**score(video, prompts, nets, digits, cfg.speed), "train s": round(train_s),
@@ -144,7 +145,7 @@ def ar(args, base, cfg, tok, digits, nets):
                                               ["tokenizer.pt"])
         c = dataclasses.replace(cfg, **over)
         train.train_ar(c, train_args(args), digits, d, tok)
-        model, _ = train.load_ar(d, args.device, tok)
+        model, _ = checkpoint.load_ar(d, args.device, tok)
         with amp(args):
             r = train.eval_ar(model, tok, truth[:, :cfg.frames], labels, args.device)
         for mult in (1, 2, 4):
@@ -175,10 +176,9 @@ def stream(args, base, cfg, tok, digits, nets):
     """The trained student streams args.long frames for args.num clips with the rolling cache (units of one
     trained clip minus one). Reports ms per unit and KV-cache size near unit 10 and at the end, and the scores
     of windows of the trained length along the video (does quality drift?)."""
-    model, c, stats = train.load_flow(base, "causal", args.device, tok)
+    model, c, stats = checkpoint.load_flow(base, "causal", args.device, tok)
     chunk, (channels, side) = 1 + (c.frames - 1) // c.ft, stats.shape(c.z_channels, tok.latent_side)
     latent = 1 + (args.long - 1) // c.ft
-    n_units = len(stream_layout(c.unit, chunk, chunk, side, **c.unit_kwargs()))
     stamps = []
 
     def on_unit(i, cache):
@@ -206,7 +206,7 @@ def stream(args, base, cfg, tok, digits, nets):
 def scales(args, base, cfg, tok, digits, nets):
     """Where paper A's sampling fails: every frame gets the true codes of its first k scales (held-out clips, their
     digits as prompts) and the model samples the rest; k = K is the tokenizer's quantized reconstruction."""
-    model, _ = train.load_ar(base, args.device, tok)
+    model, _ = checkpoint.load_ar(base, args.device, tok)
     real, labels = train.heldout_clips(cfg, digits, args.num, seed=5)
     prompts = torch.from_numpy(labels).to(args.device)
     with torch.no_grad(), amp(args):
@@ -247,7 +247,6 @@ def codes(args, base, cfg, tok, digits, nets):
 def suite(args, base, cfg, tok, digits, nets):
     """eval.py's figures on real held-out clips (their digits as prompts) against constructed inputs: noise,
     blank frames, frames in a random order, and the base run's tokenizer reconstructions."""
-    from train import reconstruct
     real, labels = train.heldout_clips(cfg, digits, args.num, seed=5)
     rng = np.random.default_rng(args.seed)
     prompts = torch.from_numpy(labels)
@@ -265,10 +264,11 @@ def prompt(args, base, cfg, tok, digits, nets):
     """The teacher's held-out flow-matching loss at fixed flow times with each clip's own prompt, another clip's
     prompt and the null condition. Equal columns = the model ignores the prompt; the gap shows at which noise level
     the prompt is read (where the digits are decided). Same x_t and noise in every column."""
-    model, c, stats = train.load_flow(base, "teacher", args.device, tok)
+    model, c, stats = checkpoint.load_flow(base, "teacher", args.device, tok)
     clips, labels = train.heldout_clips(c, digits, args.num)
     channels, side = stats.shape(c.z_channels, tok.latent_side)
     order, pos, unit = unit_layout("frame", 1 + (c.frames - 1) // c.ft, side)
+    layout = Layout(pos.to(args.device), unit.to(args.device), mask="full")
     with amp(args):
         x0 = partition(stats.normalize(tok.encode(data.to_model(clips, args.device)).float()), order)
     right = torch.from_numpy(labels).to(args.device)
@@ -276,12 +276,12 @@ def prompt(args, base, cfg, tok, digits, nets):
                   "null prompt": (right, True)}
     rows = {}
     for t in (0.2, 0.5, 0.8, 0.95):
-        tt = torch.full(x0.shape[:2], t, device=args.device)
-        xt, v = train.flow_pair(x0, tt, torch.Generator(args.device).manual_seed(args.seed))
+        flow_t = torch.full(x0.shape[:2], t, device=args.device)                    # [B,L]
+        xt, v = flow_pair(x0, flow_t, torch.Generator(args.device).manual_seed(args.seed))
         with amp(args):
             rows[f"t = {t}"] = {name: torch.nn.functional.mse_loss(
-                model(xt, pos.to(args.device), unit.to(args.device), p, mask="full", t=tt,
-                      drop=torch.full((len(xt),), drop, device=args.device)).float(), v).item()
+                model(xt, layout, p, drop=torch.full((len(xt),), drop, device=args.device), flow_t=flow_t).float(),
+                v).item()
                 for name, (p, drop) in conditions.items()}
     return rows, list(conditions)
 
@@ -320,23 +320,23 @@ def positions(args, base, cfg, tok, digits, nets):
         side = stats.shape(c.z_channels, tok.latent_side)[1]
         order, pos, unit = unit_layout("frame", 1, side)
         x_all = partition(stats.normalize(z), order)
-        pos, unit = pos.to(args.device), unit.to(args.device)
+        layout = Layout(pos.to(args.device), unit.to(args.device), mask="full")
         torch.manual_seed(args.seed)
         model = Transformer(c.model_config()).to(args.device)
         opt = torch.optim.AdamW(model.parameters(), lr=c.fm_lr, betas=(0.9, 0.95), weight_decay=0.05)
         row, t0 = {}, time.time()
         for step in range(args.steps):
             i = torch.randint(0, len(x_all), (32,), generator=gen).to(args.device)
-            tt = train.flow_times((32, 1), c.fm_time, gen, "cpu", c.fm_shift).to(args.device).expand(-1, x_all.shape[1])
-            xt, v = train.flow_pair(x_all[i], tt, gen)
+            flow_t = flow_times((32, 1), c.fm_time, gen, "cpu", c.fm_shift).to(args.device).expand(-1, x_all.shape[1])
+            xt, v = flow_pair(x_all[i], flow_t, gen)
             drop = (torch.rand(32, generator=gen) < c.cond_drop).to(args.device)
             with amp(args):
                 loss = torch.nn.functional.mse_loss(
-                    model(xt, pos, unit, labels[i], mask="full", t=tt, drop=drop).float(), v)
+                    model(xt, layout, labels[i], drop=drop, flow_t=flow_t).float(), v)
             train.optimize(model, opt, loss, train.lr_at(step, args.steps, c.fm_lr))
             if (step + 1) % max(1, args.steps // 4) == 0:
                 prompts = prompts_for(args.num, 1, 4321).to(args.device)
-                frames = train.sample_stage("teacher", model, c, tok, stats, prompts,
+                frames = sample_stage("teacher", model, c, tok, stats, prompts,
                                             torch.Generator(args.device).manual_seed(4321), 1, args)
                 row[f"step {step + 1}"] = E.quick_scores(frames, prompts.tolist(), nets_digit, args.device)["semantic"]
         row["minutes"] = (time.time() - t0) / 60   # training and scoring
@@ -364,10 +364,10 @@ def main(argv=None):
     check_path(p, "--base", args.base, "dir")
     base = Path(args.base)
     with one_line_errors(p):   # a run without the checkpoints this table needs: one line, not a traceback
-        tok, _ = train.load_tokenizer(base, args.device)
-        cfg = Config(**load_checkpoint(base / {"ar": "ar.pt", "scales": "ar.pt", "suite": "tokenizer.pt",
-                                               "codes": "tokenizer.pt", "positions": "tokenizer.pt"}
-                                       .get(args.what, "teacher.pt"))["config"])
+        tok, _ = checkpoint.load_tokenizer(base, args.device)
+        name = {"ar": "ar.pt", "scales": "ar.pt", "suite": "tokenizer.pt", "codes": "tokenizer.pt",
+                "positions": "tokenizer.pt"}.get(args.what, "teacher.pt")
+        cfg = Config(**checkpoint.load_checkpoint(base / name)["config"])
     digits = data.load_digits(cfg.data_dir or None, download=False)
     nets = E.load_nets(device=args.device, digits=digits)
     torch.manual_seed(args.seed)

@@ -5,7 +5,8 @@ Reading guide (paper -> code):
     `partition` / `merge`. A unit is a set of latent tokens; every token carries its unit's order index.
   * Masks from unit order (paper B Fig. 3, Sec. 3.3): `unit_mask` -- full, forward (sees units <= own) or
     backward (units >= own); bidirectional inside a unit. Paper A's "VAR inside a frame, causal across frames"
-    is the forward mask over (frame, scale) units.
+    is the forward mask over (frame, scale) units. A forward pass gets its tokens' positions, units and mask as
+    one `Layout`.
   * Next-frame context (paper A): `frame_context` -- every token of frame t is also fed frame t-1's full
     quantized sum at its own scale, so the next frame is built on the codes actually drawn.
   * Multi-scale Temporal RoPE (paper A Sec. 3.2): `rope` -- every token is rotated by its physical (t, h, w) on
@@ -67,6 +68,26 @@ def unit_mask(uq, uk, kind, noisy_q=None, noisy_k=None):
     nq, nk = noisy_q[:, None], noisy_k[None, :]
     earlier = {"forward": uk < uq, "backward": uk > uq, "full": uk != uq, "unit": torch.zeros_like(uq == uk)}[kind]
     return torch.where(nq, torch.where(nk, uk == uq, earlier), ~nk & base)
+
+
+@dataclass
+class Layout:
+    """The layout of one forward pass: where its L tokens sit and what each may attend to. One transformer serves
+    both papers; a Layout is what differs between a call of paper A's model, the teacher and the causal student.
+
+    pos   [L,3] float   physical (t, h, w) on the finest latent grid (Multi-scale Temporal RoPE, `rope`)
+    unit  [L] long      unit order index (`frame_scale_layout`, `unit_layout`); the mask is derived from it alone
+    mask  str           'full' | 'forward' | 'backward' | 'unit' (`unit_mask`)
+    noisy [L] bool      paper B teacher forcing: which tokens are the noisy copies of their unit (`unit_mask`)
+    level [L] long      paper A: scale index k of each token (0 = a frame's start token; `Transformer.level`)
+    hide  [B,L,L] bool  paper A's Random Frame Mask: keys hidden from queries, per sample (train.random_frame_mask)
+    """
+    pos: torch.Tensor
+    unit: torch.Tensor
+    mask: str = "forward"
+    noisy: torch.Tensor | None = None
+    level: torch.Tensor | None = None
+    hide: torch.Tensor | None = None
 
 
 def centres(s, side):
@@ -287,8 +308,8 @@ class Block(nn.Module):
         nn.init.zeros_(self.ada.weight)
         nn.init.zeros_(self.ada.bias)
 
-    def forward(self, x, c, pos, mask, **kw):  # x [B,L,C], c [B,1 or L,C]
-        sh1, sc1, g1, sh2, sc2, g2 = self.ada(F.silu(c)).chunk(6, -1)
+    def forward(self, x, cond, pos, mask, **kw):  # x [B,L,C], cond [B,1 or L,C]
+        sh1, sc1, g1, sh2, sc2, g2 = self.ada(F.silu(cond)).chunk(6, -1)
         x = x + g1 * self.attn(modulate(self.norm1(x), sh1, sc1), pos, mask, **kw)
         return x + g2 * self.mlp(modulate(self.norm2(x), sh2, sc2))
 
@@ -329,7 +350,7 @@ def timestep_embedding(t, dim):
 
 
 class Transformer(nn.Module):
-    """Tokens [B,L,c] (latent features) + positions + unit order + prompt -> logits [B,L,vocab] or velocity [B,L,c]."""
+    """Tokens [B,L,c] (latent features) in a Layout + prompt -> logits [B,L,vocab] or velocity [B,L,c]."""
 
     def __init__(self, cfg: ModelConfig):
         super().__init__()
@@ -363,46 +384,42 @@ class Transformer(nn.Module):
             if prompt.shape[1] > self.cfg.slots:
                 raise ValueError(f"a prompt of {prompt.shape[1]} digits for a model of {self.cfg.slots} places")
             prompt = prompt + self.cfg.num_classes * torch.arange(prompt.shape[1], device=prompt.device)
-        c = self.digit(prompt).sum(1)
+        cond = self.digit(prompt).sum(1)                                         # [B,C]
         if drop is not None:
-            c = torch.where(drop[:, None], self.null.to(c.dtype).expand_as(c), c)
-        return c[:, None]
+            cond = torch.where(drop[:, None], self.null.to(cond.dtype).expand_as(cond), cond)
+        return cond[:, None]
 
-    def forward(self, x, pos, unit, prompt, mask="forward", t=None, drop=None, cache=None, append=False,
-                level=None, noisy=None, hide=None):
+    def forward(self, x, layout, prompt, drop=None, flow_t=None, cache=None, append=False):
         """
         x      [B,L,c] token features (paper A: next-scale inputs; paper B: latent, noisy or clean)
-        pos    [L,3]   physical (t,h,w);  unit [L] unit order index
+        layout Layout: where the L tokens sit and what they may attend to (positions, units, mask, ...)
         prompt [B,n]   digits;  drop [B] bool: use the null condition (CFG / condition dropout)
-        mask   'full' | 'forward' | 'backward' | 'unit' (or a ready bool mask [Lq,Lk] / [B,1,Lq,Lk])
-        t      [B,L]   flow time per token (paper B) or None;  noisy [L] bool: teacher-forcing layout (unit_mask)
-        level  [L] long: scale index k of each token (paper A; 0 = the start token of a frame)
-        hide   [B,Lq,Lk] bool: extra keys hidden per sample (paper A's Random Frame Mask)
+        flow_t [B,L]   flow time per token (paper B) or None (paper A)
         cache  KVCache: attend to cached tokens; append=True also writes these tokens into it
         """
+        pos, unit, noisy = layout.pos, layout.unit, layout.noisy
         h = self.inp(x)
-        if level is not None:   # added, not substituted: a start token keeps its input (paper A: frame_context)
-            h = h + self.level(level.to(h.device)).to(h.dtype)
-        c = self.condition(prompt, drop)
-        if t is not None:
-            c = c + self.time(timestep_embedding(t, self.cfg.dim))
+        if layout.level is not None:   # added, not substituted: a start token keeps its input (paper A: frame_context)
+            h = h + self.level(layout.level.to(h.device)).to(h.dtype)
+        cond = self.condition(prompt, drop)                                      # [B,1,C]
+        if flow_t is not None:
+            cond = cond + self.time(timestep_embedding(flow_t, self.cfg.dim))    # [B,L,C]
         pos_q, pos_k = pos, None
         if cache is not None:   # re-base time to the oldest frame in view (see KVCache); keys = cached + new
             shift = torch.tensor([float(cache.time_base(pos)), 0.0, 0.0])
             pos_q = pos - shift.to(pos.device)
             pos_k = torch.cat([cache.pos - shift, pos_q.cpu()]).to(pos.device)
-            uk = torch.cat([cache.unit, unit.cpu()]).to(unit.device)
-            nk = None if noisy is None else torch.cat([torch.zeros(len(cache), dtype=torch.bool), noisy.cpu()])
+            unit_k = torch.cat([cache.unit, unit.cpu()]).to(unit.device)
+            noisy_k = None if noisy is None else torch.cat([torch.zeros(len(cache), dtype=torch.bool), noisy.cpu()])
         else:
-            uk, nk = unit, noisy
-        if isinstance(mask, str):
-            mask = unit_mask(unit, uk, mask, noisy, None if nk is None else nk.to(unit.device))
-        if hide is not None:
-            mask = mask & ~hide[:, None]
+            unit_k, noisy_k = unit, noisy
+        mask = unit_mask(unit, unit_k, layout.mask, noisy, None if noisy_k is None else noisy_k.to(unit.device))
+        if layout.hide is not None:
+            mask = mask & ~layout.hide[:, None]                                  # [B,1,Lq,Lk]
         for i, blk in enumerate(self.blocks):
-            h = blk(h, c, pos_q, mask, cache=cache, layer=i, append=append, pos_k=pos_k)
+            h = blk(h, cond, pos_q, mask, cache=cache, layer=i, append=append, pos_k=pos_k)
         if cache is not None and append:
             cache.pos = torch.cat([cache.pos, pos.cpu().float()])
             cache.unit = torch.cat([cache.unit, unit.cpu()])
-        shift, scale = self.ada_out(F.silu(c)).chunk(2, -1)
+        shift, scale = self.ada_out(F.silu(cond)).chunk(2, -1)
         return self.head(modulate(self.norm(h), shift, scale))

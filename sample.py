@@ -1,4 +1,5 @@
-"""Generation and reconstruction from a trained run directory.
+"""Generation and reconstruction from a trained run directory (the samplers, and the sample GIFs and learning-curve
+samples that train.py writes after and during each generator stage).
 
   python sample.py --ckpt runs/toy --method ar --prompt "3 7" --num 8 --gif out.gif     # paper A
   python sample.py --ckpt runs/toy --method ar --context clips.npy --context-frames 5 --npy out.npy
@@ -14,10 +15,10 @@ from einops import rearrange
 from tqdm import tqdm
 
 import data
-from model import KVCache, frame_context, grid_positions, merge, partition, shift_time, unit_layout
+from checkpoint import load_ar, load_flow, load_tokenizer
 from config import (SEED, Parser, add_precision_flag, autocast, check_device, check_flags, check_path,
                     one_line_errors)
-from train import load_ar, load_flow, load_tokenizer, reconstruct
+from model import KVCache, Layout, frame_context, grid_positions, merge, partition, shift_time, unit_layout
 
 
 def sample_logits(logits, generator, temperature=1.0, top_k=0, top_p=1.0):
@@ -36,14 +37,15 @@ def sample_logits(logits, generator, temperature=1.0, top_k=0, top_p=1.0):
 
 
 @torch.no_grad()
-def generate_ar(model, tok, prompts, frames, generator, cfg_scale=3.0, cfg_schedule="constant", temperature=1.0,
+def generate_ar(model, tok, prompts, n_latent, generator, cfg_scale=3.0, cfg_schedule="constant", temperature=1.0,
                 top_k=0, top_p=1.0, context=None, window=0, progress=True, context_scales=None):
     """Paper A generation: per latent frame, K next-scale steps (one forward each, KV cache), frames in order.
 
-    prompts [B,n] digits (None: unconditional); frames: latent frames to produce; context: codes (list over scales
-    of [B,t_ctx,s,s]) of given frames, teacher-forced through the same loop (only their first `context_scales`
-    scales when given: the rest are sampled -- experiments.py scales); window > 0 keeps only the last
-    `window` frames in the cache (rolling, for videos longer than trained). Returns f_hat [B,c,frames,h,w].
+    prompts [B,n] digits (None: unconditional); n_latent: latent frames to produce; context: codes (list over scales
+    of [B,n_ctx,s,s]) of given latent frames, teacher-forced through the same loop (only their first
+    `context_scales` scales when given: the rest are sampled -- experiments.py scales); window > 0 keeps only the
+    last `window` latent frames in the cache (rolling, for videos longer than trained). Returns f_hat
+    [B,c,n_latent,h,w].
     """
     device = next(model.parameters()).device
     scales, side, K = tok.scales, tok.latent_side, len(tok.scales)
@@ -57,17 +59,17 @@ def generate_ar(model, tok, prompts, frames, generator, cfg_scale=3.0, cfg_sched
         drop = torch.arange(len(prompt_in), device=device) >= b
     cache, out = KVCache(model.cfg.depth), []
     f_hat = torch.zeros(b, tok.cfg.z_channels, side, side, device=device)       # "frame -1": nothing yet
-    for f in tqdm(range(frames), desc="frames", disable=not progress):
+    for f in tqdm(range(n_latent), desc="frames", disable=not progress):
         ctx = frame_context(f_hat, scales).split([s * s for s in scales], 1)    # what frame f knows of f-1
         f_hat = torch.zeros_like(f_hat)
         x = f_hat.new_zeros(b, scales[0] ** 2, tok.cfg.z_channels)             # scale 1: the start token (level 0)
         for k, s in enumerate(scales):
-            pos = grid_positions([f], s, side).to(device)
-            unit = torch.full((s * s,), f * K + k, device=device)
-            level = torch.full((s * s,), k, device=device)
+            layout = Layout(pos=grid_positions([f], s, side).to(device),          # unit (frame f, scale k)
+                            unit=torch.full((s * s,), f * K + k, device=device),
+                            level=torch.full((s * s,), k, device=device))
             xk = torch.cat([x, ctx[k]], -1)                                       # as in model.ar_sequence
-            logits = model(torch.cat([xk, xk]) if guided else xk, pos, unit, prompt_in, drop=drop, cache=cache,
-                           append=True, level=level)
+            logits = model(torch.cat([xk, xk]) if guided else xk, layout, prompt_in, drop=drop, cache=cache,
+                           append=True)
             if guided:   # CFG (Ho & Salimans 2022) on the logits; the schedule ramps the weight over scales
                 w = cfg_scale if cfg_schedule == "constant" else 1 + (cfg_scale - 1) * (k + 1) / K
                 logits = logits[b:] + w * (logits[:b] - logits[b:])
@@ -84,13 +86,13 @@ def generate_ar(model, tok, prompts, frames, generator, cfg_scale=3.0, cfg_sched
     return torch.stack(out, 2)
 
 
-def guided_velocity(model, x, pos, unit, prompt_in, drop, t, b, cfg_scale, **kw):
+def guided_velocity(model, x, layout, prompt_in, drop, flow_t, b, cfg_scale, **kw):
     """One model call on the CFG-doubled batch -> guided velocity [b,L,c]: v_uncond + w (v_cond - v_uncond).
-    t: the flow time of every token, a number, or one per clip [b] (DMD's noise levels)."""
+    flow_t: the flow time of every token, a number, or one per clip [b] (DMD's noise levels)."""
     doubled = len(prompt_in) > b
-    t_BL = torch.as_tensor(t, dtype=torch.float32, device=x.device).expand(b)[:, None].expand(b, x.shape[1])
-    v = model(torch.cat([x, x]) if doubled else x, pos, unit, prompt_in, drop=drop,
-              t=torch.cat([t_BL, t_BL]) if doubled else t_BL, **kw)
+    t_BL = torch.as_tensor(flow_t, dtype=torch.float32, device=x.device).expand(b)[:, None].expand(b, x.shape[1])
+    v = model(torch.cat([x, x]) if doubled else x, layout, prompt_in, drop=drop,
+              flow_t=torch.cat([t_BL, t_BL]) if doubled else t_BL, **kw)
     return v[b:] + cfg_scale * (v[:b] - v[b:]) if doubled else v
 
 
@@ -103,31 +105,31 @@ def cfg_batch(prompts, b, cfg_scale, device):
 
 
 @torch.no_grad()
-def generate_teacher(model, prompts, frames, side, channels, generator, steps=25, cfg_scale=3.0, progress=True,
+def generate_teacher(model, prompts, n_latent, side, channels, generator, steps=25, cfg_scale=3.0, progress=True,
                      shift=1.0):
-    """Paper B's base model: `steps` Euler steps of the flow ODE from noise (t=1) to data (t=0) over the whole
-    clip at once (full attention), on the grid shifted as in training (model.shift_time). Returns z [B,c,frames,h,w]
-    (scaled latent)."""
+    """Paper B's base model: `steps` Euler steps of the flow ODE from noise (flow time 1) to data (0) over the whole
+    clip of `n_latent` latent frames at once (full attention), on the grid shifted as in training (model.shift_time).
+    Returns z [B,c,n_latent,h,w] (scaled latent)."""
     device = next(model.parameters()).device
     b = len(prompts)
-    order, pos, unit = unit_layout("frame", frames, side)
-    pos, unit = pos.to(device), unit.to(device)
+    order, pos, unit = unit_layout("frame", n_latent, side)
+    layout = Layout(pos.to(device), unit.to(device), mask="full")
     prompt_in, drop = cfg_batch(prompts, b, cfg_scale, device)
-    x = torch.randn(b, len(unit), channels, generator=generator, device=device)
-    ts = shift_time(torch.linspace(1, 0, steps + 1), shift).tolist()
-    for t, t_next in tqdm(list(zip(ts, ts[1:])), desc="steps", disable=not progress):
-        x = x + (t_next - t) * guided_velocity(model, x, pos, unit, prompt_in, drop, t, b, cfg_scale, mask="full")
-    return merge(x, order, frames, side)
+    x = torch.randn(b, len(unit), channels, generator=generator, device=device)       # [B,L,c]
+    grid = shift_time(torch.linspace(1, 0, steps + 1), shift).tolist()
+    for flow_t, flow_t_next in tqdm(list(zip(grid, grid[1:])), desc="steps", disable=not progress):
+        x = x + (flow_t_next - flow_t) * guided_velocity(model, x, layout, prompt_in, drop, flow_t, b, cfg_scale)
+    return merge(x, order, n_latent, side)
 
 
-def stream_layout(kind, frames, chunk, side, **kw):
-    """Units of a video of `frames` latent frames, as consecutive chunks of the trained length `chunk`, each laid
+def stream_layout(kind, n_latent, chunk, side, **kw):
+    """Units of a video of `n_latent` latent frames, as consecutive chunks of the trained length `chunk`, each laid
     out as in training (model.unit_layout), times continuing. -> list of (pos [l,3], order [l] or None, c0, n, u):
     order indexes the raster (t,h,w) of the whole video (None for scale units, whose level is u in a chunk of n
-    frames starting at frame c0)."""
+    latent frames starting at latent frame c0)."""
     units = []
-    for c0 in range(0, frames, chunk):
-        n = min(chunk, frames - c0)
+    for c0 in range(0, n_latent, chunk):
+        n = min(chunk, n_latent - c0)
         order, pos, unit = unit_layout(kind, n, side, **kw)
         pos = pos + torch.tensor([float(c0), 0, 0])
         for u in range(int(unit.max()) + 1):
@@ -136,19 +138,20 @@ def stream_layout(kind, frames, chunk, side, **kw):
     return units
 
 
-def generate_student(model, prompts, frames, chunk, side, channels, generator, kind="cube", unit_kw=None, steps=4,
+def generate_student(model, prompts, n_latent, chunk, side, channels, generator, kind="cube", unit_kw=None, steps=4,
                      cfg_scale=3.0, context=None, context_len=-1, progress=True, on_unit=None, shift=1.0, exits=None):
     """Paper B streaming generation (Sec. 3.4): unit by unit, `steps` Euler steps each, attending to the KV cache
-    of the clean earlier units without writing to it; then one clean re-forward (t=0) writes the finished unit.
-    The rolling cache keeps time and memory per unit constant however long the video: context_len -1 keeps the
+    of the clean earlier units without writing to it; then one clean re-forward (flow time 0) writes the finished
+    unit. The rolling cache keeps time and memory per unit constant however long the video: context_len -1 keeps the
     latent frames a unit at the end of a training clip sees (a unit ending at frame f sees frames > f - chunk, so
     attention never meets a time offset that training did not); context_len > 0 keeps that many newest units (with
-    cubes, older frames than training saw); 0 keeps everything. context: scaled z [B,c,t_ctx,h,w] of given frames; units lying
-    wholly inside them are teacher-forced; in a unit straddling them, the given tokens are held at their values
-    noised to each step's t (replacement inpainting) and end exactly at them, while the rest is generated. Returns z [B,c,frames,h,w]; on_unit(i, cache) is called after each unit.
+    cubes, older frames than training saw); 0 keeps everything. context: scaled z [B,c,n_ctx,h,w] of given latent
+    frames; units lying wholly inside them are teacher-forced; in a unit straddling them, the given tokens are held
+    at their values noised to each step's flow time (replacement inpainting) and end exactly at them, while the rest
+    is generated. Returns z [B,c,n_latent,h,w]; on_unit(i, cache) is called after each unit.
 
     The causal student, the DMD generator at inference and the DMD generator in training (dmd.rollout) all run
-    here. exits (training): per generated unit, the Euler step j at which it stops and jumps straight to t = 0,
+    here. exits (training): per generated unit, the Euler step j at which it stops and jumps straight to flow time 0,
     x0 = x_t_j - t_j v (the last step's Euler update is exactly this jump); that one forward carries the gradient
     (unless called under torch.no_grad), every other forward runs without. exits None (inference): all `steps`
     steps, no gradient anywhere."""
@@ -159,55 +162,109 @@ def generate_student(model, prompts, frames, chunk, side, channels, generator, k
     prompt_in, drop = cfg_batch(prompts, b, cfg_scale, device)
     doubled = len(prompt_in) > b
     cache = KVCache(model.cfg.depth)
-    z = torch.zeros(b, channels, frames, side, side, device=device)
-    ctx_frames = 0 if context is None else context.shape[2]
-    ts = shift_time(torch.linspace(1, 0, steps + 1), shift).tolist()
+    z = torch.zeros(b, channels, n_latent, side, side, device=device)
+    n_ctx = 0 if context is None else context.shape[2]        # given latent frames
+    grid = shift_time(torch.linspace(1, 0, steps + 1), shift).tolist()
     n_generated = 0                            # units generated so far (not teacher-forced): indexes exits
     grad = exits is not None and torch.is_grad_enabled()   # called under no_grad: the same clip, no graph
-    layout = stream_layout(kind, frames, chunk, side, **unit_kw)
-    for i, (pos, order, c0, n, u) in enumerate(tqdm(layout, desc="units", disable=not progress)):
+    units = stream_layout(kind, n_latent, chunk, side, **unit_kw)
+    for i, (pos, order, c0, n, u) in enumerate(tqdm(units, desc="units", disable=not progress)):
         pos = pos.to(device)
         unit = torch.full((len(pos),), i, device=device)
-        given = pos[:, 0] < ctx_frames         # [l] tokens of given frames
+        given = pos[:, 0] < n_ctx              # [l] tokens of given frames
         if given.any():                        # their clean values; frame-major, so the given tokens lead
             x0_given = (partition(context, order[given.cpu()]) if order is not None else
-                        partition(context[:, :, c0:ctx_frames], None, scales[u:u + 1]))
+                        partition(context[:, :, c0:n_ctx], None, scales[u:u + 1]))
         if given.all():                        # a unit of the given frames: teacher-forced
             x = x0_given
         else:
-            x = torch.randn(b, len(pos), channels, generator=generator, device=device)
-            noisy = torch.ones(len(pos), dtype=torch.bool, device=device)
+            x = torch.randn(b, len(pos), channels, generator=generator, device=device)      # [B,l,c]
+            denoise = Layout(pos, unit, mask="forward", noisy=torch.ones(len(pos), dtype=torch.bool, device=device))
             stop = steps - 1 if exits is None else int(exits[n_generated])
             n_generated += 1
             eps_given = x[:, given]
             for j in range(stop + 1):
-                t, t_next = ts[j], ts[j + 1] if j < stop else 0.0        # exiting at step j: straight to t = 0
+                flow_t = grid[j]
+                flow_t_next = grid[j + 1] if j < stop else 0.0       # exiting at step j: straight to flow time 0
                 if given.any():   # a unit straddling the given frames: their tokens follow the given values,
-                    x = x.clone()  # noised to the current t (replacement inpainting); the rest is generated
-                    x[:, given] = (1 - t) * x0_given + t * eps_given
+                    x = x.clone()  # noised to the current flow time (replacement inpainting); the rest is generated
+                    x[:, given] = (1 - flow_t) * x0_given + flow_t * eps_given
                 with torch.set_grad_enabled(grad and j == stop):
-                    v = guided_velocity(model, x, pos, unit, prompt_in, drop, t, b, cfg_scale, mask="forward",
-                                        noisy=noisy, cache=cache)
-                x = x + (t_next - t) * v
+                    v = guided_velocity(model, x, denoise, prompt_in, drop, flow_t, b, cfg_scale, cache=cache)
+                x = x + (flow_t_next - flow_t) * v
             if given.any():
                 x = x.clone()
                 x[:, given] = x0_given
         with torch.no_grad():   # the cache holds the finished unit detached: no gradient reaches earlier units
-            model(torch.cat([x, x]) if doubled else x, pos, unit, prompt_in, drop=drop,
-                  t=torch.zeros(len(prompt_in), len(pos), device=device), mask="forward", cache=cache, append=True)
+            model(torch.cat([x, x]) if doubled else x, Layout(pos, unit, mask="forward"), prompt_in, drop=drop,
+                  flow_t=torch.zeros(len(prompt_in), len(pos), device=device), cache=cache, append=True)
         if order is not None:
-            z.view(b, channels, -1)[:, :, order.to(device)] = x.transpose(1, 2)
+            z.view(b, channels, -1)[:, :, order.to(device)] = x.transpose(1, 2)    # [B,c,(t h w)] <- [B,c,l]
         elif u == len(scales) - 1:             # the finest scale unit of a chunk is the latent itself
             z[:, :, c0:c0 + n] = merge(x, None, n, side)
         if context_len > 0:
             cache.evict(context_len)
-        elif context_len < 0 and i + 1 < len(layout):   # what the next unit sees: its training-clip window
-            cache.evict_frames(layout[i + 1][0][:, 0].max().item() - chunk + 1)
+        elif context_len < 0 and i + 1 < len(units):   # what the next unit sees: its training-clip window
+            cache.evict_frames(units[i + 1][0][:, 0].max().item() - chunk + 1)
         if on_unit:
             on_unit(i, cache)
     return z
 
 
+# ------------------------------------------------- a run's stages: their samples (train.py's GIFs and curves)
+@torch.no_grad()
+def reconstruct(tok, video, device="cpu", quantized=True, batch=16):
+    """uint8 [N,T,H,W(,C)] -> its reconstruction, same shape and dtype."""
+    v = data.check_video(video)
+    out = []
+    for i in range(0, len(v), batch):
+        z = tok.encode(data.to_model(v[i:i + batch], device))
+        out.append(data.from_model(tok.decode(tok.quantize(z)[2] if quantized else z), squeeze=False))
+    out = np.concatenate(out)
+    return out[..., 0] if video.ndim == 4 else out
+
+
+@torch.no_grad()
+def sample_stage(stage, model, cfg, tok, stats, prompts, generator, frames, args):
+    """Prompted samples of a generator stage ('ar', 'teacher', 'causal' or 'dmd') at its default sampler settings ->
+    uint8 clips [N,frames,H,W]; stats: the flow models' LatentStats (None for 'ar')."""
+    was_training = model.training
+    model.eval()
+    n_latent = 1 + (frames - 1) // cfg.ft
+    if stage != "ar":   # the flow models' token grid (LatentStats.shape)
+        channels, side = stats.shape(cfg.z_channels, tok.latent_side)
+    with autocast(args.device, args.precision):
+        if stage == "ar":
+            z = generate_ar(model, tok, prompts, n_latent, generator, progress=False)
+        elif stage == "teacher":
+            z = stats.denormalize(generate_teacher(model, prompts, n_latent, side, channels, generator, progress=False,
+                                                    shift=cfg.fm_shift))
+        else:   # the causal student (4 guided steps per unit), or the DMD generator (its steps, guidance distilled)
+            chunk = 1 + (cfg.frames - 1) // cfg.ft
+            steps, cfg_scale = (cfg.dmd_unit_steps, 1.0) if stage == "dmd" else (4, 3.0)
+            z = stats.denormalize(generate_student(model, prompts, n_latent, chunk, side, channels, generator, cfg.unit,
+                                                   cfg.unit_kwargs(), steps, cfg_scale, progress=False,
+                                                   shift=cfg.fm_shift))
+        video = data.from_model(tok.decode(z), squeeze=False)[..., 0]
+    model.train(was_training)
+    return video
+
+
+def write_sample_gif(cfg, args, out, stage, tok, n=8):
+    """After each generator stage: n prompted clips to look at, out/sample_<stage>.gif (prompts in the .txt)."""
+    gen = torch.Generator(args.device).manual_seed(args.seed)
+    prompts = torch.randint(0, 10, (n, cfg.num_digits), generator=gen, device=args.device)
+    if stage == "ar":
+        model, stats = load_ar(out, args.device, tok)[0], None
+    else:
+        model, _, stats = load_flow(out, stage, args.device, tok)
+    data.save_gif(out / f"sample_{stage}.gif", sample_stage(stage, model, cfg, tok, stats, prompts, gen, cfg.frames, args))
+    (out / f"sample_{stage}.txt").write_text("\n".join(" ".join(map(str, p.tolist())) for p in prompts) + "\n")
+    print(f"[{stage}] samples for prompts {', '.join(' '.join(map(str, p.tolist())) for p in prompts)} -> "
+          f"{out / f'sample_{stage}.gif'}")
+
+
+# ------------------------------------------------------------------------------------------ the command
 def build_parser():
     p = Parser(description=__doc__.split("\n")[0], prog="sample.py")
     p.add_argument("--ckpt", required=True, help="run directory written by train.py")

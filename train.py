@@ -8,7 +8,6 @@ Stages write to --out (default runs/<config>): <stage>.pt (atomic checkpoint, co
 Re-running a command resumes from its checkpoint exactly (same batches, same RNG), or skips a finished stage.
 """
 import copy
-import hashlib
 import json
 import math
 import sys
@@ -22,10 +21,14 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 import data
-from config import (SEED, CheckError, Config, autocast, check_config, check_device, check_flags, check_path,
-                    config_from_args, load_checkpoint, one_line_errors, parser, save_checkpoint, seed_everything)
-from model import Transformer, ar_sequence, flow_pair, flow_times, frame_scale_layout, partition, unit_layout
-from tokenizer import LatentStats, Tokenizer
+import dmd
+from checkpoint import (build_ar, build_tokenizer, check_tokenizer, load_checkpoint, load_tokenizer, save_checkpoint,
+                        tokenizer_id)
+from config import (SEED, CheckError, autocast, check_config, check_device, check_flags, check_path, config_from_args,
+                    one_line_errors, parser, seed_everything)
+from model import Layout, Transformer, ar_sequence, flow_pair, flow_times, frame_scale_layout, partition, unit_layout
+from sample import reconstruct, sample_stage, write_sample_gif
+from tokenizer import LatentStats
 
 STAGES = ["tokenizer", "ar", "teacher", "causal", "dmd"]
 QUICKSTART = STAGES[:4]     # --stage all; dmd runs on its own command (README)
@@ -89,7 +92,7 @@ def encoded_clips(cfg, args, digits, tok, stage, n_image, prepare=lambda z: z):
     stage, steps < n_image), encoded by the frozen tokenizer -> (prepare(z) [m,...], labels [m,n])."""
     @torch.no_grad()
     def fresh(s, m):
-        video, labels = data.moving_mnist(m, digits, "train", cfg.mm_config(1 if s < n_image else None),
+        video, labels = data.moving_mnist(m, digits, "train", data.mm_config(cfg, 1 if s < n_image else None),
                                           seed=batch_seed(args.seed, stage, s))
         with autocast(args.device, args.precision):
             z = tok.encode(data.to_model(video, args.device)).float()
@@ -99,7 +102,7 @@ def encoded_clips(cfg, args, digits, tok, stage, n_image, prepare=lambda z: z):
 
 def heldout_clips(cfg, digits, n, frames=None, seed=1234):
     """Clips of held-out digits (never seen in training), fixed across runs."""
-    return data.moving_mnist(n, digits, "test", cfg.mm_config(frames), seed=seed)
+    return data.moving_mnist(n, digits, "test", data.mm_config(cfg, frames), seed=seed)
 
 
 def log(out, **row):
@@ -114,23 +117,6 @@ def psnr(a, b):
 
 
 # ------------------------------------------------------------------------------ the loop shared by all stages
-def tokenizer_id(tok):
-    """Fingerprint of a tokenizer's weights. Generator checkpoints record the one they were trained on: a model
-    trained on one tokenizer's codes or latents means nothing on another's, even under the same config."""
-    h = hashlib.sha1()
-    for p in tok.parameters():
-        h.update(p.detach().float().cpu().numpy().tobytes())
-    return h.hexdigest()[:16]
-
-
-def check_tokenizer(state, tok, path):
-    """Refuse a generator checkpoint written against another tokenizer (e.g. the tokenizer was retrained since)."""
-    saved = state.get("tokenizer_id")   # None: written before fingerprints existed
-    if tok is not None and saved is not None and saved != tokenizer_id(tok):
-        raise CheckError(f"{path} was trained on another tokenizer than the one beside it (retrained since?); "
-                           f"its codes / latents no longer match. Delete {path} to retrain it, or use another --out.")
-
-
 def resume(path, cfg, keys, model, opt, name, total, tok=None):
     """Restore model, optimizer and RNG from `path` when it exists (refusing one written under other `keys`, or,
     given `tok`, against another tokenizer). -> (first step to run, the saved state or None)."""
@@ -260,31 +246,6 @@ def stop_now(bar, name, args):
 
 
 # ------------------------------------------------------------------------------------------------ tokenizer
-def build_tokenizer(cfg):
-    return Tokenizer(cfg.tokenizer_config(), cfg.size)
-
-
-def load_tokenizer(ckpt_dir, device="cpu"):
-    """Load a trained tokenizer from --ckpt DIR, with the config it was trained under."""
-    state = load_checkpoint(Path(ckpt_dir) / "tokenizer.pt")
-    cfg = Config(**state["config"])
-    tok = build_tokenizer(cfg)
-    tok.load_state_dict(state.get("ema", state["model"]))   # the averaged weights (train.EMA), when saved
-    return tok.to(device).eval(), cfg
-
-
-@torch.no_grad()
-def reconstruct(tok, video, device="cpu", quantized=True, batch=16):
-    """uint8 [N,T,H,W(,C)] -> its reconstruction, same shape and dtype."""
-    v = data.check_video(video)
-    out = []
-    for i in range(0, len(v), batch):
-        z = tok.encode(data.to_model(v[i:i + batch], device))
-        out.append(data.from_model(tok.decode(tok.quantize(z)[2] if quantized else z), squeeze=False))
-    out = np.concatenate(out)
-    return out[..., 0] if video.ndim == 4 else out
-
-
 @torch.no_grad()
 def eval_tokenizer(tok, clips, device):
     """Held-out PSNR of both paths, code usage per scale (share of the codebook used), bits per latent frame."""
@@ -314,7 +275,7 @@ def train_tokenizer(cfg, args, digits, out):
     if step >= cfg.tok_steps:
         return ema.model.eval()
     heldout, _ = heldout_clips(cfg, digits, cfg.eval_clips)
-    mm = cfg.mm_config(cfg.tok_frames)
+    mm = data.mm_config(cfg, cfg.tok_frames)
     t_data = t_step = 0.0
     fwd = compiled(tok, args)
     bar = tqdm(range(step, cfg.tok_steps), desc="tokenizer", initial=step, total=cfg.tok_steps, dynamic_ncols=True)
@@ -352,9 +313,12 @@ def train_tokenizer(cfg, args, digits, out):
 
 
 # ------------------------------------------------------------------------------------------- paper A: ar
+# Paper A's two training tricks against exposure bias (Sec. 3.3), both here: Cross-Frame Error Correction
+# (error_correction, through the quantizer's corrupt hook, MultiScaleVQ.forward) and Random Frame Mask
+# (random_frame_mask, hide_previous). train_ar applies them; eval_ar measures with every earlier frame hidden.
 def error_correction(strength, frames, vocab, generator):
-    """Paper A, Cross-Frame Error Correction: a hook for MultiScaleVQ.forward that replaces a random share of the
-    codes of a scale by random codes. Each (clip, frame) draws its rate from U(0, strength * (f+1)/frames): the
+    """Paper A Sec. 3.3, Cross-Frame Error Correction: a hook for MultiScaleVQ.forward that replaces a random share
+    of the codes of a scale by random codes. Each (clip, frame) draws its rate from U(0, strength * (f+1)/frames): the
     rate ramps up with the frame index, as errors accumulate at inference. The quantizer never corrupts the last
     scale and re-quantizes every later scale from the corrupted sum, so the labels teach correction."""
     def corrupt(idx, k):                       # idx [(B t), s, s]
@@ -367,7 +331,7 @@ def error_correction(strength, frames, vocab, generator):
 
 
 def random_frame_mask(rate, frame, batch, generator):
-    """Paper A, Random Frame Mask: hide each earlier frame from later frames with probability `rate`, per clip.
+    """Paper A Sec. 3.3, Random Frame Mask: hide each earlier frame from later frames with probability `rate`, per clip.
     frame [L] -> hide [B, L, L] (True = key hidden from query; a frame always sees itself) and prev [B, L] (True
     where a token's previous frame is hidden: its frame_context input must be blanked too, see hide_previous)."""
     frames = int(frame.max()) + 1
@@ -377,25 +341,10 @@ def random_frame_mask(rate, frame, batch, generator):
 
 
 def hide_previous(x, prev):
-    """Blank the previous-frame half of paper A's inputs x [B,L,2c] where prev [B,L] is True (as for frame 0)."""
+    """Random Frame Mask, continued: blank the previous-frame half of paper A's inputs x [B,L,2c] where prev [B,L]
+    is True (as for frame 0)."""
     c = x.shape[-1] // 2
     return torch.cat([x[..., :c], x[..., c:] * ~prev[..., None]], -1)
-
-
-def build_ar(cfg, vocab):
-    """Paper A's transformer: tokens carry 2c features, [next-scale input || previous frame] (model.ar_sequence)."""
-    levels = len(cfg.tokenizer_config().scale_schedule(cfg.size // cfg.down))
-    return Transformer(replace(cfg.model_config(vocab=vocab), in_channels=2 * cfg.z_channels, levels=levels))
-
-
-def load_ar(ckpt_dir, device="cpu", tok=None):
-    """The paper A model of a run, with its config; given `tok`, refuse it if trained on another tokenizer."""
-    state = load_checkpoint(Path(ckpt_dir) / "ar.pt")
-    check_tokenizer(state, tok, Path(ckpt_dir) / "ar.pt")
-    cfg = Config(**state["config"])
-    model = build_ar(cfg, cfg.vocab)
-    model.load_state_dict(state["model"])
-    return model.to(device).eval(), cfg
 
 
 @torch.no_grad()
@@ -409,8 +358,8 @@ def eval_ar(model, tok, clips, labels, device):
     tokens per clip: 0.012 at the toy size); ce_wrong - ce may exceed that, as a wrong prompt misleads."""
     was_training = model.training
     model.eval()
-    frames = 1 + (clips.shape[1] - 1) // tok.cfg.ft
-    pos, unit, frame = (a.to(device) for a in frame_scale_layout(frames, tok.scales, tok.latent_side))
+    n_latent = 1 + (clips.shape[1] - 1) // tok.cfg.ft
+    pos, unit, frame = (a.to(device) for a in frame_scale_layout(n_latent, tok.scales, tok.latent_side))
     K = len(tok.scales)
     codes, inputs, f_hat, _ = tok.quantize(tok.encode(data.to_model(clips, device)))
     x, y = ar_sequence(inputs, codes, f_hat)
@@ -422,15 +371,14 @@ def eval_ar(model, tok, clips, labels, device):
     wrong = prompts.roll(1, 0)
     for name, drop, hide in (("", False, None), ("_null", True, None), ("_wrong", False, None),
                              ("_nopast", False, past)):
-        logits = model(x if hide is None else blind, pos, unit, wrong if name == "_wrong" else prompts, mask="forward",
-                       drop=torch.full((len(x),), drop, device=device),
-                       level=unit % K, hide=hide)
+        logits = model(x if hide is None else blind, Layout(pos, unit, level=unit % K, hide=hide),
+                       wrong if name == "_wrong" else prompts, drop=torch.full((len(x),), drop, device=device))
         if name != "_nopast":
             out["ce" + name] = F.cross_entropy(logits.flatten(0, 1), y.flatten()).item()
         hit = (logits.argmax(-1) == y).float()
         if name == "":
             out["acc_last_frame0"] = hit[:, last & (frame == 0)].mean().item()
-        if name in ("", "_nopast") and frames > 1:
+        if name in ("", "_nopast") and n_latent > 1:
             out["acc_last_later" + name] = hit[:, last & (frame > 0)].mean().item()
     model.train(was_training)
     return out
@@ -449,21 +397,21 @@ def train_ar(cfg, args, digits, out, tok):
         return model.eval()
     tok = tok.to(device).eval().requires_grad_(False)
     tok_id = tokenizer_id(tok)
-    frames = 1 + (cfg.frames - 1) // cfg.ft
+    clip_latent = 1 + (cfg.frames - 1) // cfg.ft     # latent frames of a training clip
     n_image = image_steps(cfg, cfg.ar_steps)
-    layouts = {}    # n latent frames -> pos, unit, frame, level (scale index)
-    for n in ({1, frames} if n_image else {frames}):
+    layouts = {}    # n latent frames -> Layout (forward mask; level = scale index), frame [L] (latent frame index)
+    for n in ({1, clip_latent} if n_image else {clip_latent}):
         pos, unit, frame = (a.to(device) for a in frame_scale_layout(n, tok.scales, tok.latent_side))
-        layouts[n] = pos, unit, frame, unit % len(tok.scales)
+        layouts[n] = Layout(pos, unit, level=unit % len(tok.scales)), frame
     held, held_labels = heldout_clips(cfg, digits, cfg.eval_clips)
     curve = Curve(out, "ar", args, state, cfg, digits)
     fwd = compiled(model, args)
     echo = Echo(encoded_clips(cfg, args, digits, tok, "ar", n_image), cfg.echo)
     bar = tqdm(range(step, cfg.ar_steps), desc="ar", initial=step, total=cfg.ar_steps, dynamic_ncols=True)
     for step in bar:
-        image = step < n_image   # paper A stage 1: one latent frame per sample, `frames` x the batch
-        n_latent, batch = (1, cfg.ar_batch * frames) if image else (frames, cfg.ar_batch)
-        pos, unit, frame, level = layouts[n_latent]
+        image = step < n_image   # paper A stage 1: one latent frame per sample, `clip_latent` x the batch
+        n_latent, batch = (1, cfg.ar_batch * clip_latent) if image else (clip_latent, cfg.ar_batch)
+        layout, frame = layouts[n_latent]
         gen = torch.Generator(device).manual_seed(batch_seed(args.seed, "ar", step))
         z, prompt = echo.batch(step, batch, 0 if image else n_image, gen)
         corrupt = error_correction(cfg.ec_strength, n_latent, cfg.vocab, gen) if cfg.ec_strength > 0 else None
@@ -472,12 +420,11 @@ def train_ar(cfg, args, digits, out, tok):
                 codes, inputs, f_hat, _ = tok.quantize(z, corrupt=corrupt)
             x, y = ar_sequence(inputs, codes, f_hat)   # f_hat: the corrupted sum, the later frames' context
             drop = torch.rand(len(x), generator=gen, device=device) < cfg.cond_drop
-            hide = None
             if cfg.frame_mask > 0 and n_latent > 1:
                 hide, prev = random_frame_mask(cfg.frame_mask, frame, len(x), gen)
                 x = hide_previous(x, prev)
-            logits = fwd(x, pos, unit, prompt, mask="forward", drop=drop, level=level,
-                         hide=hide)
+                layout = replace(layout, hide=hide)
+            logits = fwd(x, layout, prompt, drop=drop)
             loss = F.cross_entropy(logits.flatten(0, 1), y.flatten())
         optimize(model, opt, loss, lr_at(step, cfg.ar_steps, cfg.ar_lr))
         bar.set_postfix(loss=f"{loss.item():.3f}")
@@ -503,21 +450,10 @@ def measure_latent(tok, cfg, digits, device, n=64):
     """LatentStats of z over n training clips (tokenizer.LatentStats; --fm-norm)."""
     if cfg.fm_norm not in ("channel", "global"):
         raise ValueError(f"--fm-norm must be channel or global, got {cfg.fm_norm!r}")
-    video, _ = data.moving_mnist(n, digits, "train", cfg.mm_config(), seed=10 ** 6)
+    video, _ = data.moving_mnist(n, digits, "train", data.mm_config(cfg), seed=10 ** 6)
     with torch.no_grad():
         return LatentStats.measure(tok.encode(data.to_model(video, device)).float(), cfg.fm_norm == "channel",
                                    cfg.fm_patch)
-
-
-def load_flow(ckpt_dir, stage, device="cpu", tok=None):
-    """The teacher, the causal student or the DMD generator of a run, with its config and LatentStats (given `tok`, refused if
-    trained on another tokenizer)."""
-    state = load_checkpoint(Path(ckpt_dir) / f"{stage}.pt")
-    check_tokenizer(state, tok, Path(ckpt_dir) / f"{stage}.pt")
-    cfg = Config(**state["config"])
-    model = Transformer(cfg.model_config())
-    model.load_state_dict(state.get("ema", state["model"]))   # the DMD generator's averaged weights (train.EMA)
-    return model.to(device).eval(), cfg, LatentStats.from_state(state["z_stats"])
 
 
 def image_steps(cfg, steps):
@@ -555,44 +491,46 @@ def train_flow(cfg, args, digits, out, tok, stage):
         stats = measure_latent(tok, cfg, digits, device)
     tok = tok.to(device).eval().requires_grad_(False)
     tok_id = tokenizer_id(tok)
-    frames, side = 1 + (cfg.frames - 1) // cfg.ft, stats.shape(cfg.z_channels, tok.latent_side)[1]
+    clip_latent = 1 + (cfg.frames - 1) // cfg.ft     # latent frames of a training clip
+    side = stats.shape(cfg.z_channels, tok.latent_side)[1]
     kind = "frame" if stage == "teacher" else cfg.unit
     n_image = image_steps(cfg, steps) if stage == "teacher" else 0
 
-    def layout(n_latent):   # -> order, pos [L,3], unit [L], noisy [L] or None, number of units
+    def units_of(n_latent):   # -> order [L] (raster index of each token), Layout, number of units
         order, pos, unit = unit_layout(kind, n_latent, side, **cfg.unit_kwargs())
-        pos, unit, noisy = pos.to(device), unit.to(device), None
+        pos, unit = pos.to(device), unit.to(device)
         n_units = int(unit.max()) + 1
-        if stage == "causal":   # every unit twice: clean copies, then noisy copies (see docstring)
-            noisy = torch.cat([torch.zeros_like(unit, dtype=torch.bool), torch.ones_like(unit, dtype=torch.bool)])
-            pos, unit = torch.cat([pos, pos]), torch.cat([unit, unit])
-        return order, pos, unit, noisy, n_units
+        if stage == "teacher":
+            return order, Layout(pos, unit, mask="full"), n_units
+        # the student: every unit twice, clean copies then noisy copies (see docstring); 2L tokens
+        noisy = torch.cat([torch.zeros_like(unit, dtype=torch.bool), torch.ones_like(unit, dtype=torch.bool)])
+        return order, Layout(torch.cat([pos, pos]), torch.cat([unit, unit]), mask="forward", noisy=noisy), n_units
 
-    layouts = {n: layout(n) for n in ({1, frames} if n_image else {frames})}
+    layouts = {n: units_of(n) for n in ({1, clip_latent} if n_image else {clip_latent})}
     curve = Curve(out, stage, args, state, cfg, digits)
     fwd = compiled(model, args)
     bar = tqdm(range(step, steps), desc=stage, initial=step, total=steps, dynamic_ncols=True)
     echo = Echo(encoded_clips(cfg, args, digits, tok, stage, n_image, stats.normalize), cfg.echo)
     for step in bar:
-        image = step < n_image   # paper A stage 1: one latent frame per sample, `frames` x the batch
-        n_latent, batch = (1, cfg.fm_batch * frames) if image else (frames, cfg.fm_batch)
-        order, pos, unit, noisy, n_units = layouts[n_latent]
+        image = step < n_image   # paper A stage 1: one latent frame per sample, `clip_latent` x the batch
+        n_latent, batch = (1, cfg.fm_batch * clip_latent) if image else (clip_latent, cfg.fm_batch)
+        order, layout, n_units = layouts[n_latent]
         gen = torch.Generator(device).manual_seed(batch_seed(args.seed, stage, step))
         z, prompt = echo.batch(step, batch, 0 if image else n_image, gen)
         with autocast(device, args.precision):
-            x0 = partition(z, order, cfg.unit_kwargs()["scales"])
+            x0 = partition(z, order, cfg.unit_kwargs()["scales"])                   # [B,L,c] in unit order
             b = len(x0)
             drop = torch.rand(b, generator=gen, device=device) < cfg.cond_drop
-            if stage == "teacher":
-                tt = flow_times((b, 1), cfg.fm_time, gen, device, cfg.fm_shift).expand(-1, x0.shape[1])
-                xt, v = flow_pair(x0, tt, gen)
-                pred = fwd(xt, pos, unit, prompt, mask="full", t=tt, drop=drop)
-            else:
-                tt = flow_times((b, n_units), cfg.fm_time, gen, device, cfg.fm_shift)   # a noise level per unit
-                tt = tt[:, unit[len(unit) // 2:]]
-                xt, v = flow_pair(x0, tt, gen)
-                pred = fwd(torch.cat([x0, xt], 1), pos, unit, prompt, mask="forward", noisy=noisy,
-                           t=torch.cat([torch.zeros_like(tt), tt], 1), drop=drop)[:, x0.shape[1]:]
+            if stage == "teacher":   # one noise level per clip: flow_t [B,L]
+                flow_t = flow_times((b, 1), cfg.fm_time, gen, device, cfg.fm_shift).expand(-1, x0.shape[1])
+                xt, v = flow_pair(x0, flow_t, gen)
+                pred = fwd(xt, layout, prompt, drop=drop, flow_t=flow_t)
+            else:                    # one noise level per unit [B,n_units], then per (noisy) token [B,L]
+                flow_t = flow_times((b, n_units), cfg.fm_time, gen, device, cfg.fm_shift)
+                flow_t = flow_t[:, layout.unit[len(layout.unit) // 2:]]
+                xt, v = flow_pair(x0, flow_t, gen)
+                pred = fwd(torch.cat([x0, xt], 1), layout, prompt, drop=drop,            # [B,2L,c]: clean, noisy
+                           flow_t=torch.cat([torch.zeros_like(flow_t), flow_t], 1))[:, x0.shape[1]:]
             loss = F.mse_loss(pred.float(), v)
         optimize(model, opt, loss, lr_at(step, steps, cfg.fm_lr))
         bar.set_postfix(loss=f"{loss.item():.4f}")
@@ -620,7 +558,6 @@ def train_dmd(cfg, args, digits, out, tok):
     fine-tuned by flow matching on the generator's clips.
     No data is read: DMD needs prompts only (random digits, as sample.py draws them). The moving average of the
     generator (--dmd-ema) is what load_flow, the sample GIF and sample.py --method dmd use."""
-    import dmd   # dmd.py builds on sample.py, which imports this module's loaders
     device, path, steps = args.device, out / "dmd.pt", cfg.dmd_steps
     generator = Transformer(cfg.model_config()).to(device)
     opt = torch.optim.AdamW(generator.parameters(), lr=cfg.dmd_lr, betas=(0.9, 0.95), weight_decay=0.05)
@@ -653,12 +590,12 @@ def train_dmd(cfg, args, digits, out, tok):
     tok = tok.to(device).eval().requires_grad_(False)
     tok_id = tokenizer_id(tok)
     channels, side = stats.shape(cfg.z_channels, tok.latent_side)
-    frames = 1 + (cfg.frames - 1) // cfg.ft
-    order, pos, unit = unit_layout(cfg.unit, frames, side, **cfg.unit_kwargs())
-    pos, unit = pos.to(device), unit.to(device)
+    clip_latent = 1 + (cfg.frames - 1) // cfg.ft     # latent frames of a training clip
+    order, pos, unit = unit_layout(cfg.unit, clip_latent, side, **cfg.unit_kwargs())
+    layout = Layout(pos.to(device), unit.to(device))   # the generator's units; each scorer sets its own mask
 
     def clip(prompts, gen):   # the generator's clip in its unit layout [B,L,c]; gradient as the caller's context
-        z = dmd.rollout(generator, prompts, frames, side, channels, gen, cfg.unit, cfg.unit_kwargs(),
+        z = dmd.rollout(generator, prompts, clip_latent, side, channels, gen, cfg.unit, cfg.unit_kwargs(),
                         cfg.dmd_unit_steps, cfg.fm_shift)
         return partition(z, order)
 
@@ -674,16 +611,16 @@ def train_dmd(cfg, args, digits, out, tok):
             with autocast(device, args.precision):
                 with torch.no_grad():
                     x0 = clip(p, gen)
-                t = flow_times((len(x0), 1), cfg.fm_time, gen, device, cfg.fm_shift).expand(-1, x0.shape[1])
-                fake_loss = sum(dmd.flow_matching_loss(dmd.fake_velocity(fakes, m, pos, unit, p), x0, t, gen)
+                flow_t = flow_times((len(x0), 1), cfg.fm_time, gen, device, cfg.fm_shift).expand(-1, x0.shape[1])
+                fake_loss = sum(dmd.flow_matching_loss(dmd.fake_velocity(fakes, m, layout, p), x0, flow_t, gen)
                                 for m in fakes) / len(fakes)
             optimize(scorers, fake_opt, fake_loss, lr_at(step, steps, cfg.dmd_fake_lr))
         p = prompts(gen)
         with autocast(device, args.precision):
             x = clip(p, gen)
-            t = dmd.noise_levels(len(x), cfg.dmd_t_min, cfg.dmd_t_max, gen, device)[:, None].expand(-1, x.shape[1])
-            loss, _ = dmd.distribution_matching_loss(x, t, dmd.real_x0(teacher, pos, unit, p, cfg.dmd_cfg),
-                                                     dmd.fake_x0(fakes, cfg.dmd_fake, pos, unit, p), gen)
+            flow_t = dmd.noise_levels(len(x), cfg.dmd_t_min, cfg.dmd_t_max, gen, device)[:, None].expand(-1, x.shape[1])
+            loss, _ = dmd.distribution_matching_loss(x, flow_t, dmd.real_x0(teacher, layout, p, cfg.dmd_cfg),
+                                                     dmd.fake_x0(fakes, cfg.dmd_fake, layout, p), gen)
         optimize(generator, opt, loss, lr_at(step, steps, cfg.dmd_lr))
         ema.update(generator, step)
         bar.set_postfix(loss=f"{loss.item():.4f}", fake=f"{fake_loss.item():.4f}")
@@ -764,47 +701,6 @@ def train_stages(cfg, args, out, stages):
                 train_flow(cfg, args, digits, out, tok, stage)
             write_sample_gif(cfg, args, out, stage, tok)
     print(f"[train] done in {time.time() - t0:.0f} s; outputs in {out}/")
-
-
-@torch.no_grad()
-def sample_stage(stage, model, cfg, tok, stats, prompts, generator, frames, args):
-    """Prompted samples of a generator stage ('ar', 'teacher', 'causal' or 'dmd') at its default sampler settings ->
-    uint8 clips [N,frames,H,W]; stats: the flow models' LatentStats (None for 'ar')."""
-    from sample import generate_ar, generate_student, generate_teacher, stream_layout
-    was_training = model.training
-    model.eval()
-    t = 1 + (frames - 1) // cfg.ft
-    if stage != "ar":   # the flow models' token grid (LatentStats.shape)
-        channels, side = stats.shape(cfg.z_channels, tok.latent_side)
-    with autocast(args.device, args.precision):
-        if stage == "ar":
-            z = generate_ar(model, tok, prompts, t, generator, progress=False)
-        elif stage == "teacher":
-            z = stats.denormalize(generate_teacher(model, prompts, t, side, channels, generator, progress=False,
-                                                    shift=cfg.fm_shift))
-        else:   # the causal student (4 guided steps per unit), or the DMD generator (its steps, guidance distilled)
-            chunk = 1 + (cfg.frames - 1) // cfg.ft
-            steps, cfg_scale = (cfg.dmd_unit_steps, 1.0) if stage == "dmd" else (4, 3.0)
-            z = stats.denormalize(generate_student(model, prompts, t, chunk, side, channels, generator, cfg.unit,
-                                                   cfg.unit_kwargs(), steps, cfg_scale, progress=False,
-                                                   shift=cfg.fm_shift))
-        video = data.from_model(tok.decode(z), squeeze=False)[..., 0]
-    model.train(was_training)
-    return video
-
-
-def write_sample_gif(cfg, args, out, stage, tok, n=8):
-    """After each generator stage: n prompted clips to look at, out/sample_<stage>.gif (prompts in the .txt)."""
-    gen = torch.Generator(args.device).manual_seed(args.seed)
-    prompts = torch.randint(0, 10, (n, cfg.num_digits), generator=gen, device=args.device)
-    if stage == "ar":
-        model, stats = load_ar(out, args.device, tok)[0], None
-    else:
-        model, _, stats = load_flow(out, stage, args.device, tok)
-    data.save_gif(out / f"sample_{stage}.gif", sample_stage(stage, model, cfg, tok, stats, prompts, gen, cfg.frames, args))
-    (out / f"sample_{stage}.txt").write_text("\n".join(" ".join(map(str, p.tolist())) for p in prompts) + "\n")
-    print(f"[{stage}] samples for prompts {', '.join(' '.join(map(str, p.tolist())) for p in prompts)} -> "
-          f"{out / f'sample_{stage}.gif'}")
 
 
 def data_source_line(d):

@@ -6,7 +6,7 @@ import torch
 import sample
 from conftest import randomised
 import train
-from model import KVCache, ModelConfig, Transformer, ar_sequence, frame_scale_layout, unit_mask
+from model import KVCache, Layout, ModelConfig, Transformer, ar_sequence, frame_scale_layout, unit_mask
 from tokenizer import Tokenizer, TokenizerConfig
 
 SCALES, SIDE, FRAMES = (1, 2, 4), 4, 3
@@ -49,11 +49,11 @@ def test_mask_is_forward_over_frame_scale_units():
 def test_output_does_not_change_when_a_later_unit_changes(model):
     pos, unit, _, level = layout()
     x, prompt = torch.randn(2, len(unit), C), torch.tensor([[1, 2], [3, 4]])
-    ref = model(x, pos, unit, prompt, level=level)
+    ref = model(x, Layout(pos, unit, level=level), prompt)
     for u in (1, 4, 7):
         y = x.clone()
         y[:, unit == u] += 3.0
-        out = model(y, pos, unit, prompt, level=level)
+        out = model(y, Layout(pos, unit, level=level), prompt)
         assert torch.allclose(out[:, unit < u], ref[:, unit < u], atol=1e-5)
         assert not torch.allclose(out[:, unit == u], ref[:, unit == u], atol=1e-3)
 
@@ -62,12 +62,12 @@ def test_time_shift_leaves_outputs_unchanged(model):
     pos, unit, _, level = layout()
     x, prompt = torch.randn(2, len(unit), C), torch.tensor([[1, 2], [3, 4]])
     shifted = pos + torch.tensor([100.0, 0, 0])
-    assert torch.allclose(model(x, shifted, unit, prompt, level=level), model(x, pos, unit, prompt, level=level),
-                          atol=1e-4)
+    assert torch.allclose(model(x, Layout(shifted, unit, level=level), prompt),
+                          model(x, Layout(pos, unit, level=level), prompt), atol=1e-4)
     moved = pos + torch.tensor([0, 1.0, 0])   # sanity: RoPE is there -- a shift in h alone is also relative,
     moved[unit == 5, 1] += 1.0                # but moving one unit relative to the rest must change things
-    assert not torch.allclose(model(x, moved, unit, prompt, level=level), model(x, pos, unit, prompt, level=level),
-                              atol=1e-3)
+    assert not torch.allclose(model(x, Layout(moved, unit, level=level), prompt),
+                              model(x, Layout(pos, unit, level=level), prompt), atol=1e-3)
 
 
 @pytest.mark.parametrize("scales", [SCALES, (2, 4), (4,)])
@@ -81,7 +81,7 @@ def test_sampling_loop_with_cache_equals_full_teacher_forced_forward(model, scal
     x, y = ar_sequence(inputs, codes, f_hat)
     pos, unit, _, level = layout(scales)
     prompt = torch.tensor([[1, 2], [3, 4]])
-    full = model(x, pos, unit, prompt, level=level)
+    full = model(x, Layout(pos, unit, level=level), prompt)
     seen = []
     hook = model.register_forward_hook(lambda m, a, out: seen.append(out))
     try:
@@ -135,8 +135,9 @@ def test_null_condition_is_used_when_the_prompt_is_dropped(model):
     a = torch.tensor([[1, 2], [1, 2]])
     b = torch.tensor([[5, 6], [7, 8]])
     drop = torch.tensor([True, True])
-    assert torch.allclose(model(x, pos, unit, a, drop=drop, level=level), model(x, pos, unit, b, drop=drop, level=level))
-    assert not torch.allclose(model(x, pos, unit, a, level=level), model(x, pos, unit, b, level=level))
+    ar = Layout(pos, unit, level=level)
+    assert torch.allclose(model(x, ar, a, drop=drop), model(x, ar, b, drop=drop))
+    assert not torch.allclose(model(x, ar, a), model(x, ar, b))
     null = model.condition(a, drop)
     assert torch.equal(null[0, 0], model.null.detach())
 
@@ -155,7 +156,8 @@ def test_level_embedding_tells_the_scales_apart(model):
     """Same inputs and positions, other scale indices -> other logits (RoPE alone says where, not how coarse)."""
     pos, unit, _, level = layout()
     x, prompt = torch.randn(1, len(unit), C), torch.tensor([[1, 2]])
-    assert not torch.allclose(model(x, pos, unit, prompt, level=level), model(x, pos, unit, prompt, level=level.flip(0)))
+    assert not torch.allclose(model(x, Layout(pos, unit, level=level), prompt),
+                              model(x, Layout(pos, unit, level=level.flip(0)), prompt))
 
 
 def test_random_frame_mask_hides_earlier_frames(model):
@@ -165,10 +167,11 @@ def test_random_frame_mask_hides_earlier_frames(model):
     assert not hide[:, frame == 1][:, :, frame == 1].any()   # a frame always sees itself
     assert torch.equal(prev, (frame > 0).expand(2, -1))      # ... and is not fed the previous one either
     x, prompt = torch.randn(2, len(unit), C), torch.tensor([[1, 2], [3, 4]])
-    ref = model(x, pos, unit, prompt, level=level, hide=hide)
+    masked = Layout(pos, unit, level=level, hide=hide)
+    ref = model(x, masked, prompt)
     y = x.clone()
     y[:, frame == 0] += 3.0
-    out = model(y, pos, unit, prompt, level=level, hide=hide)
+    out = model(y, masked, prompt)
     assert torch.allclose(out[:, frame == 2], ref[:, frame == 2], atol=1e-5)   # frame 0 invisible to frame 2
     blank = train.hide_previous(x, prev)                      # the hidden previous frame is not fed as input either
     assert torch.equal(blank[..., :C // 2], x[..., :C // 2]) and torch.equal(blank[:, frame == 0], x[:, frame == 0])
@@ -213,16 +216,16 @@ def test_positions_are_rebased_far_into_a_video(shallow):
     def last_frame_logits(offset, junk):
         cache = KVCache(1)
         if junk:   # two older frames that the window must evict
-            shallow(torch.randn(1, 2 * 21, C), pos[frame < 2] + torch.tensor([offset - 2.0, 0, 0]),
-                    unit[frame < 2] + 1000, prompt, cache=cache, append=True)
+            shallow(torch.randn(1, 2 * 21, C), Layout(pos[frame < 2] + torch.tensor([offset - 2.0, 0, 0]),
+                                                      unit[frame < 2] + 1000), prompt, cache=cache, append=True)
         for f in (0, 1):
             sel = frame == f
-            shallow(x[:, sel], pos[sel] + torch.tensor([offset, 0, 0]), unit[sel] + 3000, prompt, cache=cache,
-                    append=True, level=level[sel])
+            shallow(x[:, sel], Layout(pos[sel] + torch.tensor([offset, 0, 0]), unit[sel] + 3000, level=level[sel]),
+                    prompt, cache=cache, append=True)
             cache.evict(2 * len(SCALES))
         sel = frame == 2
-        return shallow(x[:, sel], pos[sel] + torch.tensor([offset, 0, 0]), unit[sel] + 3000, prompt, cache=cache,
-                       level=level[sel])
+        return shallow(x[:, sel], Layout(pos[sel] + torch.tensor([offset, 0, 0]), unit[sel] + 3000, level=level[sel]),
+                       prompt, cache=cache)
 
     ref = last_frame_logits(0.0, junk=False)
     assert torch.allclose(last_frame_logits(100000.0, junk=True), ref, atol=1e-6)

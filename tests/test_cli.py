@@ -5,6 +5,7 @@ import json
 import numpy as np
 import pytest
 
+import checkpoint
 import eval as E
 import experiments
 import sample
@@ -46,7 +47,7 @@ def test_dmd_stage_writes_its_checkpoint_log_and_sample_gif(dmd_run):
     import torch
     state = torch.load(dmd_run / "dmd.pt", weights_only=False)
     student = torch.load(dmd_run / "causal.pt", weights_only=False)["model"]
-    model = train.load_flow(dmd_run, "dmd")[0]         # what sample.py --method dmd streams: the generator's average
+    model = checkpoint.load_flow(dmd_run, "dmd")[0]         # what sample.py --method dmd streams: the generator's average
     assert all(torch.equal(v, state["ema"][k]) for k, v in model.state_dict().items())
     assert any(not torch.equal(v, state["model"][k]) for k, v in state["ema"].items())
     assert any(not torch.equal(v, student[k]) for k, v in state["ema"].items())        # DMD moved it

@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 import torch
 
+import checkpoint
 import sample
 import train
 
@@ -82,7 +83,7 @@ def test_ema_is_the_moving_average_of_the_weights():
 
 def test_later_stages_get_the_tokenizers_averaged_weights(run):
     state = torch.load(run / "tokenizer.pt", weights_only=False)
-    tok, _ = train.load_tokenizer(run)
+    tok, _ = checkpoint.load_tokenizer(run)
     assert all(torch.equal(v, state["ema"][k]) for k, v in tok.state_dict().items())
     assert any(not torch.equal(state["ema"][k], v) for k, v in state["model"].items() if v.is_floating_point())
 

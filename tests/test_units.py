@@ -5,7 +5,7 @@ import torch
 
 import sample
 from conftest import randomised
-from model import KVCache, ModelConfig, Transformer, merge, partition, unit_layout, unit_mask
+from model import KVCache, Layout, ModelConfig, Transformer, merge, partition, unit_layout, unit_mask
 
 T, SIDE, C = 4, 8, 6
 SCALES = (1, 2, 4, 8)
@@ -59,16 +59,17 @@ def test_masks_follow_unit_order():
 def test_forward_and_backward_masks_are_causal_in_their_direction(model, kind, kw, n_units):
     _, pos, unit = unit_layout(kind, T, SIDE, **kw)
     x, prompt = torch.randn(1, len(unit), C), torch.tensor([[1, 2]])
-    tt = torch.rand(1, len(unit))
+    flow_t = torch.rand(1, len(unit))
     mid = n_units // 2
     y = x.clone()
     y[:, unit == mid] += 2.0
     for mask, same in (("forward", unit < mid), ("backward", unit > mid)):
-        a = model(x, pos, unit, prompt, mask=mask, t=tt)
-        b = model(y, pos, unit, prompt, mask=mask, t=tt)
+        a = model(x, Layout(pos, unit, mask), prompt, flow_t=flow_t)
+        b = model(y, Layout(pos, unit, mask), prompt, flow_t=flow_t)
         assert torch.allclose(a[:, same], b[:, same], atol=1e-5)
         assert not torch.allclose(a[:, unit == mid], b[:, unit == mid], atol=1e-3)
-    full = model(x, pos, unit, prompt, mask="full", t=tt) - model(y, pos, unit, prompt, mask="full", t=tt)
+    full = model(x, Layout(pos, unit, "full"), prompt, flow_t=flow_t) - model(y, Layout(pos, unit, "full"), prompt,
+                                                                            flow_t=flow_t)
     assert full[:, unit != mid].abs().max() > 1e-3              # full attention: everything sees the change
 
 
@@ -79,17 +80,17 @@ def test_incremental_with_cache_equals_teacher_forced_full_forward(model, kind, 
     _, pos, unit = unit_layout(kind, T, SIDE, **kw)
     L = len(unit)
     x0, xt = torch.randn(1, L, C), torch.randn(1, L, C)
-    tt = torch.rand(1, n_units)[:, unit]
+    flow_t = torch.rand(1, n_units)[:, unit]
     prompt = torch.tensor([[3, 4]])
     noisy = torch.tensor([False] * L + [True] * L)
-    full = model(torch.cat([x0, xt], 1), torch.cat([pos, pos]), torch.cat([unit, unit]), prompt, mask="forward",
-                 noisy=noisy, t=torch.cat([torch.zeros_like(tt), tt], 1))
+    full = model(torch.cat([x0, xt], 1), Layout(torch.cat([pos, pos]), torch.cat([unit, unit]), noisy=noisy), prompt,
+                 flow_t=torch.cat([torch.zeros_like(flow_t), flow_t], 1))
     cache, got_noisy, got_clean = KVCache(2), [], []
     for u in range(n_units):
         sel = unit == u
-        got_noisy.append(model(xt[:, sel], pos[sel], unit[sel], prompt, mask="forward", t=tt[:, sel], cache=cache,
-                               noisy=torch.ones(int(sel.sum()), dtype=torch.bool)))
-        got_clean.append(model(x0[:, sel], pos[sel], unit[sel], prompt, mask="forward", t=torch.zeros_like(tt[:, sel]),
+        noisy_unit = Layout(pos[sel], unit[sel], noisy=torch.ones(int(sel.sum()), dtype=torch.bool))
+        got_noisy.append(model(xt[:, sel], noisy_unit, prompt, flow_t=flow_t[:, sel], cache=cache))
+        got_clean.append(model(x0[:, sel], Layout(pos[sel], unit[sel]), prompt, flow_t=torch.zeros_like(flow_t[:, sel]),
                                cache=cache, append=True))
     assert torch.allclose(torch.cat(got_noisy, 1), full[:, L:], atol=1e-4)
     assert torch.allclose(torch.cat(got_clean, 1), full[:, :L], atol=1e-4)
@@ -102,7 +103,7 @@ def test_student_stream_teacher_forced_equals_masked_forward(model, kind, kw, n_
     z = torch.randn(1, C, T, SIDE, SIDE)
     order, pos, unit = unit_layout(kind, T, SIDE, **kw)
     prompt = torch.tensor([[3, 4]])
-    ref = model(partition(z, order, kw.get("scales", ())), pos, unit, prompt, mask="forward", t=torch.zeros(1, len(unit)))
+    ref = model(partition(z, order, kw.get("scales", ())), Layout(pos, unit), prompt, flow_t=torch.zeros(1, len(unit)))
     seen = []
     hook = model.register_forward_hook(lambda m, a, kwargs, out: seen.append(out) if kwargs.get("append") else None,
                                        with_kwargs=True)
@@ -163,7 +164,7 @@ def test_samplers_walk_the_shifted_time_grid(model, monkeypatch, method):
     from model import shift_time
     seen = []
     real = sample.guided_velocity
-    monkeypatch.setattr(sample, "guided_velocity", lambda *a, **k: seen.append(a[6]) or real(*a, **k))
+    monkeypatch.setattr(sample, "guided_velocity", lambda *a, **k: seen.append(a[5]) or real(*a, **k))   # flow_t
     prompt, gen = torch.tensor([[1, 2]]), torch.Generator().manual_seed(0)
     if method == "teacher":
         sample.generate_teacher(model, prompt, 1, 4, C, gen, steps=5, progress=False, shift=3.0)
