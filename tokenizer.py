@@ -174,7 +174,11 @@ class _Up(nn.Module):
 
 # ------------------------------------------------------------------------------------ multi-scale quantizer
 class MultiScaleVQ(nn.Module):
-    """VAR residual quantizer over scales (Tian et al. 2024, Alg. 1), per latent frame [N = B*t, c, h, w]."""
+    """VAR residual quantizer over scales (Tian et al. 2024, Alg. 1), per latent frame [N = B*t, c, h, w].
+
+    One deliberate difference from VAR: no phi refinement convolution after upsampling each scale's codes (VAR's
+    `quant_resi`; this is VAR with `quant_resi=0`), so up(e(R_k)) is the bicubic-upsampled embedding itself. Apart
+    from that the codes, f_hat and next-scale inputs agree exactly with VAR's quantizer (compared numerically)."""
 
     def __init__(self, cfg: TokenizerConfig, latent_side):
         super().__init__()
