@@ -27,11 +27,11 @@ def matmul_peak(device, n=2048, reps=10):
     for _ in range(3):
         a @ b
     sync(device)
-    t = time.perf_counter()
+    t0 = time.perf_counter()
     for _ in range(reps):
         a @ b
     sync(device)
-    return 2 * n ** 3 * reps / (time.perf_counter() - t) / 1e9
+    return 2 * n ** 3 * reps / (time.perf_counter() - t0) / 1e9
 
 
 def sync(device):
@@ -45,11 +45,11 @@ def timed(fn, device, reps=3):
     with FlopCounterMode(display=False) as fc:
         fn()
     sync(device)
-    t = time.perf_counter()
+    t0 = time.perf_counter()
     for _ in range(reps):
         fn()
     sync(device)
-    return (time.perf_counter() - t) / reps, fc.get_total_flops() / 1e9
+    return (time.perf_counter() - t0) / reps, fc.get_total_flops() / 1e9
 
 
 def peak_mem_mb(device):
@@ -189,7 +189,8 @@ def long_video(args, cfg, flow, prompt, device, channels, side):
 
     def on_unit(i, cache):
         sync(device)
-        kv = sum(k.numel() + v.numel() for k, v in zip(cache.k, cache.v) if k is not None) * 4 / 2 ** 20
+        kv = sum(keys.numel() + values.numel() for keys, values in zip(cache.keys, cache.values)
+                 if keys is not None) * 4 / 2 ** 20
         stamps.append((time.perf_counter(), kv, len(cache)))
 
     t0 = time.perf_counter()

@@ -282,10 +282,10 @@ def check_config(p, cfg):
     cube = cfg.cube.split(",")
     need(len(cube) == 3 and all(c.strip().isdigit() and int(c) > 0 for c in cube),
          f"--cube {cfg.cube!r}: allowed three positive integers kt,kh,kw")
-    t, tokens = 1 + (cfg.frames - 1) // cfg.ft, side // cfg.fm_patch
+    n_latent, tokens = 1 + (cfg.frames - 1) // cfg.ft, side // cfg.fm_patch
     kt, kh, kw = map(int, cube)
-    need(cfg.unit != "cube" or not (t % kt or tokens % kh or tokens % kw),
-         f"--cube {cfg.cube!r}: allowed kt,kh,kw dividing the {t}x{tokens}x{tokens} token grid "
+    need(cfg.unit != "cube" or not (n_latent % kt or tokens % kh or tokens % kw),
+         f"--cube {cfg.cube!r}: allowed kt,kh,kw dividing the {n_latent}x{tokens}x{tokens} token grid "
          f"(latent frames x latent side / --fm-patch)")
     need(cfg.unit != "scale" or cfg.unit_kwargs()["scales"][-1:] == (tokens,),
          f"--unit scale: the scales ({cfg.scales or 'powers of 2'}) must include the token side {tokens}")

@@ -202,8 +202,8 @@ def moving_mnist(n, digits: Digits, split="train", cfg=MovingMNISTConfig(), seed
     theta = rng.uniform(0, 2 * np.pi, (n, cfg.num_digits))
     vel = cfg.speed * np.stack([np.sin(theta), np.cos(theta)], -1)      # [n, D, 2]
     traj = np.empty((cfg.frames, n, cfg.num_digits, 2), np.int64)
-    for t in range(cfg.frames):                                          # bounce: reflect position and velocity
-        traj[t] = np.round(pos)
+    for f in range(cfg.frames):                                          # bounce: reflect position and velocity
+        traj[f] = np.round(pos)
         pos = pos + vel
         for _ in range(2):
             low, high = pos < 0, pos > lim
@@ -216,11 +216,11 @@ def moving_mnist(n, digits: Digits, split="train", cfg=MovingMNISTConfig(), seed
         glyphs = glyphs.view(n, cfg.num_digits, cfg.digit_size, cfg.digit_size).numpy()
     video = np.zeros((n, cfg.frames, cfg.size, cfg.size), np.uint8)
     s = cfg.digit_size
-    for t in range(cfg.frames):
+    for f in range(cfg.frames):
         for b in range(n):
             for d in range(cfg.num_digits):
-                y, x = traj[t, b, d]
-                np.maximum(video[b, t, y:y + s, x:x + s], glyphs[b, d], out=video[b, t, y:y + s, x:x + s])
+                y, x = traj[f, b, d]
+                np.maximum(video[b, f, y:y + s, x:x + s], glyphs[b, d], out=video[b, f, y:y + s, x:x + s])
     return video, labels[idx]
 
 
@@ -294,8 +294,8 @@ def load_clip_folder(folder, frames, size, channels=1):
             v = v[..., :3].mean(-1, keepdim=True)
         elif channels == 3 and c == 1:
             v = v.expand(*v.shape[:-1], 3)
-        n, t = v.shape[:2]
-        v = v[:, :t // frames * frames].reshape(-1, frames, *v.shape[2:])           # whole windows
+        n, length = v.shape[:2]
+        v = v[:, :length // frames * frames].reshape(-1, frames, *v.shape[2:])      # whole windows
         v = F.interpolate(v.permute(0, 1, 4, 2, 3).flatten(0, 1), size=(size, size), mode="bilinear",
                           antialias=True).view(v.shape[0], frames, channels, size, size).permute(0, 1, 3, 4, 2)
         out.append(v.round().clamp(0, 255).byte().numpy())

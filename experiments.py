@@ -182,7 +182,7 @@ def stream(args, base, cfg, tok, digits, nets):
     stamps = []
 
     def on_unit(i, cache):
-        kv = sum(k.numel() + v.numel() for k, v in zip(cache.k, cache.v)) * 4 / 2 ** 20
+        kv = sum(keys.numel() + values.numel() for keys, values in zip(cache.keys, cache.values)) * 4 / 2 ** 20
         stamps.append((time.perf_counter(), kv, len(cache)))
 
     prompts = prompts_for(args.num, c.num_digits, args.seed)
@@ -275,11 +275,11 @@ def prompt(args, base, cfg, tok, digits, nets):
     conditions = {"right prompt": (right, False), "another clip's prompt": (right.roll(1, 0), False),
                   "null prompt": (right, True)}
     rows = {}
-    for t in (0.2, 0.5, 0.8, 0.95):
-        flow_t = torch.full(x0.shape[:2], t, device=args.device)                    # [B,L]
+    for level in (0.2, 0.5, 0.8, 0.95):
+        flow_t = torch.full(x0.shape[:2], level, device=args.device)                # [B,L]
         xt, v = flow_pair(x0, flow_t, torch.Generator(args.device).manual_seed(args.seed))
         with amp(args):
-            rows[f"t = {t}"] = {name: torch.nn.functional.mse_loss(
+            rows[f"t = {level}"] = {name: torch.nn.functional.mse_loss(
                 model(xt, layout, p, drop=torch.full((len(xt),), drop, device=args.device), flow_t=flow_t).float(),
                 v).item()
                 for name, (p, drop) in conditions.items()}

@@ -95,32 +95,33 @@ def centres(s, side):
     return (torch.arange(s, dtype=torch.float32) + 0.5) * side / s - 0.5
 
 
-def grid_positions(ts, s, side):
-    """Physical (t, h, w) of an s x s grid over a side x side latent, for each frame in ts -> [len(ts)*s*s, 3]."""
-    c = centres(s, side)
-    t, h, w = torch.meshgrid(torch.as_tensor(ts, dtype=torch.float32), c, c, indexing="ij")
-    return torch.stack([t, h, w], -1).view(-1, 3)
+def grid_positions(frame_ids, s, side):
+    """Physical (t, h, w) of an s x s grid over a side x side latent, for each latent frame in frame_ids
+    -> [len(frame_ids)*s*s, 3]."""
+    mid = centres(s, side)
+    pt, ph, pw = torch.meshgrid(torch.as_tensor(frame_ids, dtype=torch.float32), mid, mid, indexing="ij")
+    return torch.stack([pt, ph, pw], -1).view(-1, 3)                  # [n, s, s, 3] -> [n*s*s, 3]
 
 
-def frame_scale_layout(frames, scales, side):
-    """Paper A: units (frame t, scale k) in frame-major order, unit index t*K + k.
+def frame_scale_layout(n_latent, scales, side):
+    """Paper A: units (latent frame f, scale k) in frame-major order, unit index f*K + k.
 
-    Returns pos [L, 3] (physical positions), unit [L] (order index), frame [L]. L = frames * sum_k s_k^2.
+    Returns pos [L, 3] (physical positions), unit [L] (order index), frame [L]. L = n_latent * sum_k s_k^2.
     """
     pos, unit, frame = [], [], []
-    for t in range(frames):
+    for f in range(n_latent):
         for k, s in enumerate(scales):
-            pos.append(grid_positions([t], s, side))
-            unit.append(torch.full((s * s,), t * len(scales) + k))
-            frame.append(torch.full((s * s,), t))
+            pos.append(grid_positions([f], s, side))
+            unit.append(torch.full((s * s,), f * len(scales) + k))
+            frame.append(torch.full((s * s,), f))
     return torch.cat(pos), torch.cat(unit), torch.cat(frame)
 
 
 UNITS = ("frame", "keydetail", "cube", "scale")
 
 
-def unit_layout(kind, t, side, stride=2, cube=(1, 2, 2), scales=()):
-    """Paper B Sec. 3.2: the prediction units of a latent z [B,t,h,w,c] with h = w = side.
+def unit_layout(kind, n_latent, side, stride=2, cube=(1, 2, 2), scales=()):
+    """Paper B Sec. 3.2: the prediction units of a latent z [B,c,t,h,w] with t = n_latent, h = w = side.
 
     frame:     unit i = latent frame i                               (N = t units)
     keydetail: unit j = frames j, j+k, j+2k, ... (k = stride)          (N = k: key frames first, then the rest)
@@ -131,10 +132,10 @@ def unit_layout(kind, t, side, stride=2, cube=(1, 2, 2), scales=()):
     if kind == "scale":
         if not scales or scales[-1] != side:
             raise ValueError(f"scale units need scales ending at the latent side {side}, got {scales}")
-        pos = torch.cat([grid_positions(range(t), s, side) for s in scales])
-        unit = torch.cat([torch.full((t * s * s,), l) for l, s in enumerate(scales)])
+        pos = torch.cat([grid_positions(range(n_latent), s, side) for s in scales])
+        unit = torch.cat([torch.full((n_latent * s * s,), l) for l, s in enumerate(scales)])
         return None, pos, unit
-    ti, hi, wi = torch.meshgrid(torch.arange(t), torch.arange(side), torch.arange(side), indexing="ij")
+    ti, hi, wi = torch.meshgrid(torch.arange(n_latent), torch.arange(side), torch.arange(side), indexing="ij")
     ti, hi, wi = ti.flatten(), hi.flatten(), wi.flatten()
     if kind == "frame":
         unit = ti
@@ -142,8 +143,8 @@ def unit_layout(kind, t, side, stride=2, cube=(1, 2, 2), scales=()):
         unit = ti % stride
     elif kind == "cube":
         kt, kh, kw = cube
-        if t % kt or side % kh or side % kw:
-            raise ValueError(f"cube {kt}x{kh}x{kw} does not divide the latent {t}x{side}x{side}")
+        if n_latent % kt or side % kh or side % kw:
+            raise ValueError(f"cube {kt}x{kh}x{kw} does not divide the latent {n_latent}x{side}x{side}")
         unit = ((ti // kt) * (side // kh) + hi // kh) * (side // kw) + wi // kw
     else:
         raise ValueError(f"unknown unit {kind!r}: choose from {UNITS}")
@@ -156,16 +157,17 @@ def partition(z, order, scales=()):
     """z [B,c,t,h,w] -> tokens [B,L,c] in unit order (see unit_layout)."""
     if order is not None:
         return rearrange(z, "b c t h w -> b (t h w) c")[:, order]
-    t = z.shape[2]
+    n_latent = z.shape[2]
     return torch.cat([rearrange(F.interpolate(rearrange(z, "b c t h w -> (b t) c h w"), size=s, mode="area"),
-                                "(b t) c h w -> b (t h w) c", t=t) for s in scales], 1)
+                                "(b t) c h w -> b (t h w) c", t=n_latent) for s in scales], 1)
 
 
-def merge(tokens, order, t, side):
-    """Inverse of partition: tokens [B,L,c] -> z [B,c,t,h,w] (for scale units: the finest unit, which is z)."""
+def merge(tokens, order, n_latent, side):
+    """Inverse of partition: tokens [B,L,c] -> z [B,c,t,h,w], t = n_latent (for scale units: the finest unit, which
+    is z)."""
     if order is not None:
         tokens = torch.empty_like(tokens).index_copy_(1, order.to(tokens.device), tokens)
-    return rearrange(tokens[:, -t * side * side:], "b (t h w) c -> b c t h w", t=t, h=side)
+    return rearrange(tokens[:, -n_latent * side * side:], "b (t h w) c -> b c t h w", t=n_latent, h=side)
 
 
 def frame_context(f_prev, scales):
@@ -188,13 +190,13 @@ def ar_sequence(inputs, codes, f_hat):
     -> x [B,L,2c]: per token [next-scale input (zeros at scale 1: its level embedding is the start token) || previous
     frame's f_hat at its scale (frame_context)], and the labels [B,L].
     """
-    b, t = codes[0].shape[:2]
+    b, n_latent = codes[0].shape[:2]
     c = f_hat.shape[1]
     prev = torch.cat([torch.zeros_like(f_hat[:, :, :1]), f_hat[:, :, :-1]], 2)            # frame t sees t-1
     ctx = rearrange(frame_context(rearrange(prev, "b c t h w -> (b t) c h w"), [i.shape[-1] for i in codes]),
                     "(b t) l c -> b t l c", b=b)
     xs, ys = [], []
-    for f in range(t):
+    for f in range(n_latent):
         for k, idx in enumerate(codes):
             ys.append(idx[:, f].flatten(1))
             xs.append(f_hat.new_zeros(b, idx[0, 0].numel(), c) if k == 0
@@ -231,7 +233,7 @@ class KVCache:
     """
 
     def __init__(self, depth):
-        self.k, self.v = [None] * depth, [None] * depth
+        self.keys, self.values = [None] * depth, [None] * depth   # per layer: [B,H,L,D] or None
         self.pos = torch.zeros(0, 3)
         self.unit = torch.zeros(0, dtype=torch.long)
 
@@ -258,9 +260,9 @@ class KVCache:
     def _keep(self, keep):   # keep [len(self)] bool
         idx = keep.nonzero().squeeze(1)
         self.pos, self.unit = self.pos[keep], self.unit[keep]
-        for i in range(len(self.k)):
-            self.k[i] = self.k[i].index_select(2, idx.to(self.k[i].device))
-            self.v[i] = self.v[i].index_select(2, idx.to(self.v[i].device))
+        for i in range(len(self.keys)):
+            self.keys[i] = self.keys[i].index_select(2, idx.to(self.keys[i].device))
+            self.values[i] = self.values[i].index_select(2, idx.to(self.values[i].device))
 
 
 # ----------------------------------------------------------------------------------------------- the blocks
@@ -278,19 +280,20 @@ class Attention(nn.Module):
         self.q_norm, self.k_norm = nn.RMSNorm(d), nn.RMSNorm(d)   # q/k normalisation keeps logits bounded
         self.base = cfg.rope_base
 
-    def forward(self, x, pos, mask, cache=None, layer=0, append=False, pos_k=None):
-        """x [B,L,C]; pos [L,3] of the new tokens and pos_k [Lk,3] of cached + new keys, both re-based in time;
+    def forward(self, x, pos, mask, cache=None, layer=0, append=False, pos_keys=None):
+        """x [B,L,C]; pos [L,3] of the new tokens and pos_keys [Lk,3] of cached + new keys, both re-based in time;
         mask [Lq, Lk] or [B,1,Lq,Lk]."""
-        q, k, v = rearrange(self.qkv(x), "b l (three h d) -> three b h l d", three=3, h=self.h)
-        q, k = self.q_norm(q.float()).to(v.dtype), self.k_norm(k.float()).to(v.dtype)   # fp32 norm under bf16 autocast
-        k_all, v_all = k, v
-        if cache is not None and cache.k[layer] is not None:
-            k_all = torch.cat([cache.k[layer], k], 2)
-            v_all = torch.cat([cache.v[layer], v], 2)
+        query, key, value = rearrange(self.qkv(x), "b l (three h d) -> three b h l d", three=3, h=self.h)
+        query = self.q_norm(query.float()).to(value.dtype)   # fp32 norms under bf16 autocast
+        key = self.k_norm(key.float()).to(value.dtype)
+        keys, values = key, value                            # [B,H,Lk,D]: cached + new
+        if cache is not None and cache.keys[layer] is not None:
+            keys = torch.cat([cache.keys[layer], key], 2)
+            values = torch.cat([cache.values[layer], value], 2)
         if cache is not None and append:
-            cache.k[layer], cache.v[layer] = k_all, v_all
-        q, k_all = rope(q, pos, self.base), rope(k_all, pos if pos_k is None else pos_k, self.base)
-        o = F.scaled_dot_product_attention(q, k_all, v_all, attn_mask=mask)
+            cache.keys[layer], cache.values[layer] = keys, values
+        query, keys = rope(query, pos, self.base), rope(keys, pos if pos_keys is None else pos_keys, self.base)
+        o = F.scaled_dot_product_attention(query, keys, values, attn_mask=mask)      # [B,H,L,D]
         return self.proj(rearrange(o, "b h l d -> b l (h d)"))
 
 
@@ -314,38 +317,38 @@ class Block(nn.Module):
         return x + g2 * self.mlp(modulate(self.norm2(x), sh2, sc2))
 
 
-def shift_time(t, shift):
+def shift_time(flow_t, shift):
     """Timestep shift (SD3, Esser et al. 2024, Sec. 5.3.2): t -> s t / (1 + (s - 1) t), for flow times in training
     and on the sampler's grid alike. s > 1 moves both toward high noise. A Moving MNIST latent is mostly empty
     background with a few high-magnitude ink cells, so its digits stay visible through moderate noise and are only
     decided near t = 1, where unshifted logit-normal times almost never train (P(t > 0.95) = 0.2%)."""
-    return shift * t / (1 + (shift - 1) * t)
+    return shift * flow_t / (1 + (shift - 1) * flow_t)
 
 
-def flow_pair(x0, t, generator):
-    """Flow matching (one convention everywhere): x_t = (1 - t) x0 + t eps, velocity v = eps - x0.
-    x0 [B,L,c], t [B,L] (or any x0 [B,...,c] with t [B,...]) -> (x_t, v)."""
+def flow_pair(x0, flow_t, generator):
+    """Flow matching (one convention everywhere): x_t = (1 - t) x0 + t eps, velocity v = eps - x0, t = flow_t.
+    x0 [B,L,c], flow_t [B,L] (or any x0 [B,...,c] with flow_t [B,...]) -> (x_t, v)."""
     eps = torch.randn(x0.shape, generator=generator, device=x0.device)
-    return (1 - t[..., None]) * x0 + t[..., None] * eps, eps - x0
+    return (1 - flow_t[..., None]) * x0 + flow_t[..., None] * eps, eps - x0
 
 
 def flow_times(shape, kind, generator, device, shift=1.0):
     """Training flow times [*shape] in (0, 1): uniform, or logit-normal (sigmoid of N(0, 1); SD3, Esser et al. 2024),
     which spends most samples at mid noise levels; then shifted toward high noise by `shift` (shift_time)."""
     if kind == "uniform":
-        t = torch.rand(shape, generator=generator, device=device)
+        flow_t = torch.rand(shape, generator=generator, device=device)
     elif kind == "logitnormal":
-        t = torch.sigmoid(torch.randn(shape, generator=generator, device=device))
+        flow_t = torch.sigmoid(torch.randn(shape, generator=generator, device=device))
     else:
         raise ValueError(f"--fm-time must be uniform or logitnormal, got {kind!r}")
-    return shift_time(t, shift)
+    return shift_time(flow_t, shift)
 
 
-def timestep_embedding(t, dim):
-    """Sinusoidal embedding of flow times t [...] in [0, 1] -> [..., dim]."""
+def timestep_embedding(flow_t, dim):
+    """Sinusoidal embedding of flow times flow_t [...] in [0, 1] -> [..., dim]."""
     half = dim // 2
-    freqs = torch.exp(-math.log(10000) * torch.arange(half, device=t.device, dtype=torch.float32) / half)
-    ang = 1000 * t.float()[..., None] * freqs
+    freqs = torch.exp(-math.log(10000) * torch.arange(half, device=flow_t.device, dtype=torch.float32) / half)
+    ang = 1000 * flow_t.float()[..., None] * freqs
     return torch.cat([ang.cos(), ang.sin()], -1)
 
 
@@ -404,20 +407,21 @@ class Transformer(nn.Module):
         cond = self.condition(prompt, drop)                                      # [B,1,C]
         if flow_t is not None:
             cond = cond + self.time(timestep_embedding(flow_t, self.cfg.dim))    # [B,L,C]
-        pos_q, pos_k = pos, None
+        pos_q, pos_keys = pos, None
         if cache is not None:   # re-base time to the oldest frame in view (see KVCache); keys = cached + new
             shift = torch.tensor([float(cache.time_base(pos)), 0.0, 0.0])
             pos_q = pos - shift.to(pos.device)
-            pos_k = torch.cat([cache.pos - shift, pos_q.cpu()]).to(pos.device)
-            unit_k = torch.cat([cache.unit, unit.cpu()]).to(unit.device)
-            noisy_k = None if noisy is None else torch.cat([torch.zeros(len(cache), dtype=torch.bool), noisy.cpu()])
+            pos_keys = torch.cat([cache.pos - shift, pos_q.cpu()]).to(pos.device)
+            unit_keys = torch.cat([cache.unit, unit.cpu()]).to(unit.device)
+            noisy_keys = None if noisy is None else torch.cat([torch.zeros(len(cache), dtype=torch.bool), noisy.cpu()])
         else:
-            unit_k, noisy_k = unit, noisy
-        mask = unit_mask(unit, unit_k, layout.mask, noisy, None if noisy_k is None else noisy_k.to(unit.device))
+            unit_keys, noisy_keys = unit, noisy
+        mask = unit_mask(unit, unit_keys, layout.mask, noisy,
+                         None if noisy_keys is None else noisy_keys.to(unit.device))                # [Lq,Lk]
         if layout.hide is not None:
             mask = mask & ~layout.hide[:, None]                                  # [B,1,Lq,Lk]
         for i, blk in enumerate(self.blocks):
-            h = blk(h, cond, pos_q, mask, cache=cache, layer=i, append=append, pos_k=pos_k)
+            h = blk(h, cond, pos_q, mask, cache=cache, layer=i, append=append, pos_keys=pos_keys)
         if cache is not None and append:
             cache.pos = torch.cat([cache.pos, pos.cpu().float()])
             cache.unit = torch.cat([cache.unit, unit.cpu()])

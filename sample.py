@@ -376,9 +376,9 @@ def read_clips(p, flag, path, cfg, whole=True):
         video = data.load_clips(path)
     except (TypeError, ValueError) as e:
         p.error(f"{flag}: {e}")
-    n, t, h, w, c = data.check_video(video).shape
-    if (h, w, c) != (cfg.size, cfg.size, 1) or whole and (t - 1) % cfg.ft:
-        p.error(f"{flag} {path}: {t} frames of {h}x{w}x{c}; allowed 1 + {cfg.ft}*k grey frames of "
+    n, frames, h, w, channels = data.check_video(video).shape
+    if (h, w, channels) != (cfg.size, cfg.size, 1) or whole and (frames - 1) % cfg.ft:
+        p.error(f"{flag} {path}: {frames} frames of {h}x{w}x{channels}; allowed 1 + {cfg.ft}*k grey frames of "
                 f"{cfg.size}x{cfg.size} (this run's tokenizer)")
     return video
 
@@ -432,19 +432,20 @@ def run_flow(p, args):
     model, cfg, stats = load_flow(args.ckpt, stage, args.device, tok)
     gen = torch.Generator(args.device).manual_seed(args.seed)
     frames, clip, z_ctx = frames_and_context(p, args, cfg, tok)
-    latent = 1 + (frames - 1) // cfg.ft
-    c, side = stats.shape(cfg.z_channels, tok.latent_side)    # the flow models' token grid
+    n_latent = 1 + (frames - 1) // cfg.ft
+    channels, side = stats.shape(cfg.z_channels, tok.latent_side)    # the flow models' token grid
     n = args.num if clip is None else len(clip)
     prompts = parse_prompts(p, args, n, cfg.num_digits, gen).to(args.device) \
         if (args.prompt is not None or clip is None) else None
     if args.method == "teacher":
         if clip is not None:
             p.error("--context needs --method student or dmd (the teacher generates whole clips)")
-        z = generate_teacher(model, prompts, latent, side, c, gen, args.steps or 25, args.cfg, shift=cfg.fm_shift)
+        z = generate_teacher(model, prompts, n_latent, side, channels, gen, args.steps or 25, args.cfg,
+                             shift=cfg.fm_shift)
     else:
         chunk = 1 + (cfg.frames - 1) // cfg.ft
         try:
-            z = generate_student(model, prompts, latent, chunk, side, c, gen, cfg.unit, cfg.unit_kwargs(),
+            z = generate_student(model, prompts, n_latent, chunk, side, channels, gen, cfg.unit, cfg.unit_kwargs(),
                                  args.steps or (cfg.dmd_unit_steps if stage == "dmd" else 4), args.cfg,
                                  None if z_ctx is None else stats.normalize(z_ctx),
                                  args.context_len, shift=cfg.fm_shift)
@@ -459,8 +460,8 @@ def run_ar(p, args):
     model, cfg = load_ar(args.ckpt, args.device, tok)       # the model's config: its clip length and digit count
     gen = torch.Generator(args.device).manual_seed(args.seed)
     frames, clip, z_ctx = frames_and_context(p, args, cfg, tok)
-    trained = 1 + (cfg.frames - 1) // cfg.ft
-    window = trained - 1 if args.window < 0 else args.window
+    clip_latent = 1 + (cfg.frames - 1) // cfg.ft     # latent frames of a training clip
+    window = clip_latent - 1 if args.window < 0 else args.window
     context = None if z_ctx is None else tok.quantize(z_ctx)[0]
     n = args.num if clip is None else len(clip)
     prompts = parse_prompts(p, args, n, cfg.num_digits, gen).to(args.device) \

@@ -50,12 +50,12 @@ class TokenizerConfig:
 
 # ------------------------------------------------------------------------------------------- conv blocks
 class CausalConv3d(nn.Module):
-    """k x 3 x 3 conv whose time padding is all on the past side: output frame i sees input frames <= i."""
+    """kt x ks x ks conv whose time padding is all on the past side: output frame i sees input frames <= i."""
 
-    def __init__(self, cin, cout, kt=3, k=3):
+    def __init__(self, cin, cout, kt=3, ks=3):
         super().__init__()
-        self.pad = (k // 2, k // 2, k // 2, k // 2, kt - 1, 0)  # (w, w, h, h, t_past, t_future)
-        self.conv = nn.Conv3d(cin, cout, (kt, k, k))
+        self.pad = (ks // 2, ks // 2, ks // 2, ks // 2, kt - 1, 0)  # (w, w, h, h, t_past, t_future)
+        self.conv = nn.Conv3d(cin, cout, (kt, ks, ks))
 
     def forward(self, x):  # [B, C, T, H, W]
         return self.conv(F.pad(x, self.pad))
@@ -79,7 +79,7 @@ class ResBlock(nn.Module):
     def __init__(self, c):
         super().__init__()
         self.n1, self.c1 = FrameNorm(c), nn.Conv2d(c, c, 3, padding=1)
-        self.n2, self.c2 = FrameNorm(c), CausalConv3d(c, c, kt=3, k=1)
+        self.n2, self.c2 = FrameNorm(c), CausalConv3d(c, c, kt=3, ks=1)
 
     def forward(self, x):  # [B, C, T, H, W]
         h = _spatial(F.silu(self.n1(x)), self.c1)
@@ -287,7 +287,7 @@ class Tokenizer(nn.Module):
         f = rearrange(z.float(), "b c t h w -> (b t) c h w")
         with torch.autocast(z.device.type, enabled=False):   # fp32 even under bf16 autocast: the nearest-code
             codes, inputs, f_hat, loss = self.vq(f, corrupt)  # search and the residual sums need its resolution
-        codes = [rearrange(c, "(b t) h w -> b t h w", b=b) for c in codes]
+        codes = [rearrange(idx, "(b t) h w -> b t h w", b=b) for idx in codes]
         inputs = [rearrange(x, "(b t) c h w -> b t c h w", b=b) for x in inputs]
         return codes, inputs, rearrange(f_hat, "(b t) c h w -> b c t h w", b=b), loss
 
@@ -300,15 +300,15 @@ class Tokenizer(nn.Module):
         low = F.interpolate(F.interpolate(rearrange(z, "b c t h w -> (b t) c h w"), size=s, mode="area"),
                             size=self.latent_side, mode="bicubic")
         side = min(4 * s, x.shape[-1])
-        frames = rearrange(x, "b c t h w -> (b t) c h w")
-        target = F.interpolate(F.interpolate(frames, size=side, mode="area"), size=x.shape[-2:], mode="bilinear")
+        images = rearrange(x, "b c t h w -> (b t) c h w")
+        target = F.interpolate(F.interpolate(images, size=side, mode="area"), size=x.shape[-2:], mode="bilinear")
         rec = self.decode(rearrange(low, "(b t) c h w -> b c t h w", b=b))
         return F.mse_loss(rec, rearrange(target, "(b t) c h w -> b c t h w", b=b))
 
     def codes_to_fhat(self, codes):
         """codes: list over scales of [B,t,s,s] -> f_hat [B,c,t,h,w]."""
         b = codes[0].shape[0]
-        f = self.vq.codes_to_fhat([rearrange(c, "b t h w -> (b t) h w") for c in codes])
+        f = self.vq.codes_to_fhat([rearrange(idx, "b t h w -> (b t) h w") for idx in codes])
         return rearrange(f, "(b t) c h w -> b c t h w", b=b)
 
     def forward(self, x):

@@ -201,7 +201,7 @@ class Curve:
         if not self.n:
             return
         import eval as E
-        t, train_s = time.perf_counter(), self.train_s()   # read before scoring: this point's scoring is not training
+        t0, train_s = time.perf_counter(), self.train_s()   # read before scoring: this point's scoring is not training
         gen = torch.Generator(self.device).manual_seed(4321)   # the same prompts and noise at every point
         prompts = torch.randint(0, 10, (self.n, self.cfg.num_digits), generator=gen, device=self.device)
         r = E.quick_scores(sample(prompts, gen, frames), prompts.tolist(), self.digit_net, self.device)
@@ -209,7 +209,7 @@ class Curve:
         log(self.out, stage=self.stage, curve=row)
         bar.write(f"[{self.stage}] step {step}, {row['train_s'] / 60:.1f} min: {frames}-frame samples score semantic "
                   f"{r['semantic']:.3f}, consistency {r['consistency']:.3f}")
-        self.paused += time.perf_counter() - t
+        self.paused += time.perf_counter() - t0
 
     def write(self):
         if self.n:
@@ -253,8 +253,8 @@ def eval_tokenizer(tok, clips, device):
     cont, quant = reconstruct(tok, clips, device, False), reconstruct(tok, clips, device, True)
     codes = tok.quantize(tok.encode(data.to_model(clips, device)))[0]
     usage, perplexity = [], []
-    for c in codes:   # share of the codebook a scale uses, and the perplexity exp(H) of its code histogram
-        p = torch.bincount(c.flatten(), minlength=tok.cfg.vocab).float() / c.numel()
+    for idx in codes:   # share of the codebook a scale uses, and the perplexity exp(H) of its code histogram
+        p = torch.bincount(idx.flatten(), minlength=tok.cfg.vocab).float() / idx.numel()
         usage.append(float((p > 0).float().mean()))
         perplexity.append(float(torch.exp(-(p[p > 0] * p[p > 0].log()).sum())))
     bits = sum(s * s for s in tok.scales) * math.log2(tok.cfg.vocab)
@@ -316,26 +316,27 @@ def train_tokenizer(cfg, args, digits, out):
 # Paper A's two training tricks against exposure bias (Sec. 3.3), both here: Cross-Frame Error Correction
 # (error_correction, through the quantizer's corrupt hook, MultiScaleVQ.forward) and Random Frame Mask
 # (random_frame_mask, hide_previous). train_ar applies them; eval_ar measures with every earlier frame hidden.
-def error_correction(strength, frames, vocab, generator):
+def error_correction(strength, n_latent, vocab, generator):
     """Paper A Sec. 3.3, Cross-Frame Error Correction: a hook for MultiScaleVQ.forward that replaces a random share
-    of the codes of a scale by random codes. Each (clip, frame) draws its rate from U(0, strength * (f+1)/frames): the
-    rate ramps up with the frame index, as errors accumulate at inference. The quantizer never corrupts the last
-    scale and re-quantizes every later scale from the corrupted sum, so the labels teach correction."""
-    def corrupt(idx, k):                       # idx [(B t), s, s]
+    of the codes of a scale by random codes. Each (clip, latent frame f) draws its rate from
+    U(0, strength * (f+1)/n_latent): the rate ramps up with the frame index, as errors accumulate at inference. The
+    quantizer never corrupts the last scale and re-quantizes every later scale from the corrupted sum, so the labels
+    teach correction."""
+    def corrupt(idx, k):                       # idx [(B t), s, s], t = n_latent
         n = idx.shape[0]
-        f = torch.arange(n, device=idx.device) % frames
-        rate = torch.rand(n, generator=generator, device=idx.device) * strength * (f + 1) / frames
+        f = torch.arange(n, device=idx.device) % n_latent
+        rate = torch.rand(n, generator=generator, device=idx.device) * strength * (f + 1) / n_latent
         hit = torch.rand(idx.shape, generator=generator, device=idx.device) < rate[:, None, None]
         return torch.where(hit, torch.randint(0, vocab, idx.shape, generator=generator, device=idx.device), idx)
     return corrupt
 
 
 def random_frame_mask(rate, frame, batch, generator):
-    """Paper A Sec. 3.3, Random Frame Mask: hide each earlier frame from later frames with probability `rate`, per clip.
-    frame [L] -> hide [B, L, L] (True = key hidden from query; a frame always sees itself) and prev [B, L] (True
+    """Paper A Sec. 3.3, Random Frame Mask: hide each earlier frame from later frames with probability `rate`, per
+    clip. frame [L] -> hide [B, L, L] (True = key hidden from query; a frame always sees itself) and prev [B, L] (True
     where a token's previous frame is hidden: its frame_context input must be blanked too, see hide_previous)."""
-    frames = int(frame.max()) + 1
-    hidden = torch.rand(batch, frames, generator=generator, device=frame.device) < rate      # [B, frames]
+    n_latent = int(frame.max()) + 1
+    hidden = torch.rand(batch, n_latent, generator=generator, device=frame.device) < rate    # [B, n_latent]
     prev = torch.cat([torch.zeros_like(hidden[:, :1]), hidden[:, :-1]], 1)[:, frame]         # frame t-1 hidden
     return hidden[:, frame][:, None, :] & (frame[None, :, None] > frame[None, None, :]), prev
 
