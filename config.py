@@ -90,10 +90,10 @@ class Config:
     dmd_fake_lr: float = _f(3e-4, "learning rate of the fake (generated-data) scorers")
     dmd_critic: int = _f(5, "fake-scorer updates per generator update, each on a fresh generated batch (the public DMD "
                             "codes use 5-10)")
-    dmd_fake: str = _f("symmetric", "generated-data scorer (dmd.fake_masks): full (one full-attention scorer), forward "
-                                    "or backward (one causal scorer), symmetric (both causal scorers, x0 averaged; paper B), "
-                                    "composed (forward + backward - a scorer of each unit alone: unbiased on "
-                                    "Markov videos; dmd.py's docstring)")
+    dmd_fake: str = _f("symmetric", "generated-data scorer (dmd.fake_masks): full (one full-attention scorer), "
+                                    "forward or backward (one causal scorer), symmetric (both causal scorers, x0 "
+                                    "averaged; paper B), composed (forward + backward - a scorer of each unit alone: "
+                                    "unbiased on Markov videos; dmd.py's docstring)")
     dmd_unit_steps: int = _f(4, "Euler steps per unit in the generator's rollout (1-4; each unit exits at a random "
                                 "one of them in training) and sample.py --method dmd's default")
     dmd_t_min: float = _f(0.02, "lowest noise level at which DMD compares the real and fake scores")
