@@ -18,6 +18,16 @@ def digits():
         return data.load_digits(download=False)
 
 
+@pytest.fixture(scope="session")
+def tiny_run(tmp_path_factory):
+    """The quickstart on the tiny preset (every stage but dmd), trained once for the whole session. Tests only read
+    it; one that trains on or writes into a run works on a copy (test_cli.py's run)."""
+    import train
+    out = tmp_path_factory.mktemp("tiny_run")
+    train.main(["--config", "tiny", "--device", "cpu", "--out", str(out)])
+    return out
+
+
 def randomised(model):
     """Zero-initialised heads and AdaLN gates would hide every difference: give all weights random values."""
     torch.manual_seed(0)

@@ -1,6 +1,7 @@
 """End to end through the command lines, on the tiny preset: train every stage, sample with every method (clips
 and their prompts file), and build each of experiments.py's tables (with small eval nets)."""
 import json
+import shutil
 
 import numpy as np
 import pytest
@@ -13,9 +14,10 @@ import train
 
 
 @pytest.fixture(scope="module")
-def run(tmp_path_factory):
-    out = tmp_path_factory.mktemp("tiny")
-    train.main(["--config", "tiny", "--device", "cpu", "--out", str(out)])
+def run(tiny_run, tmp_path_factory):
+    """A copy of the session's tiny quickstart run: this module adds the dmd stage and experiments.py's tables."""
+    out = tmp_path_factory.mktemp("cli") / "run"
+    shutil.copytree(tiny_run, out)
     return out
 
 
@@ -69,7 +71,6 @@ def test_sample_writes_clips_and_their_prompts(run, tmp_path, method, request):
 def test_sample_follows_the_generators_digit_count(run, tmp_path):
     """An ar model trained on one-digit clips beside a tokenizer trained on two: sample.py draws one-digit prompts
     (the generator's config, not the tokenizer's) and refuses a two-digit --prompt with a clear error."""
-    import shutil
     shutil.copy(run / "tokenizer.pt", tmp_path)
     train.main(["--config", "tiny", "--stage", "ar", "--ar-steps", "2", "--num-digits", "1", "--device", "cpu",
                 "--out", str(tmp_path)])

@@ -69,10 +69,8 @@ def tree_digest(folder):
 
 
 @pytest.fixture(scope="module")
-def run(tmp_path_factory):
-    out = tmp_path_factory.mktemp("fuzzrun")
-    train.main(["--config", "tiny", "--device", "cpu", "--out", str(out)])
-    return out
+def run(tiny_run):
+    return tiny_run   # conftest.py: the session's tiny quickstart run; the fuzzing checks it stays unchanged
 
 
 @pytest.fixture(scope="module")

@@ -34,10 +34,8 @@ def refused(main, argv, capsys, match):
 
 
 @pytest.fixture(scope="module")
-def run(tmp_path_factory):
-    out = tmp_path_factory.mktemp("run")
-    train.main(TINY + ["--out", str(out)])
-    return out
+def run(tiny_run):
+    return tiny_run   # conftest.py: the session's tiny quickstart run (its tokenizer is what these tests need)
 
 
 @pytest.mark.parametrize("stage", ["tokenizer", "ar", "teacher", "causal", "dmd"])
