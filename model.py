@@ -124,7 +124,7 @@ def unit_layout(kind, n_latent, side, stride=2, cube=(1, 2, 2), scales=()):
     """Paper B Sec. 3.2: the prediction units of a latent z [B,c,t,h,w] with t = n_latent, h = w = side.
 
     frame:     unit i = latent frame i                               (N = t units)
-    keydetail: unit j = frames j, j+k, j+2k, ... (k = stride)          (N = k: key frames first, then the rest)
+    keydetail: unit j = frames j, j+stride, j+2*stride, ...           (N = stride: key frames first, then the rest)
     cube:      kt x kh x kw cubes, time-major cube order              (N = t/kt * h/kh * w/kw)
     scale:     unit l = z resized to s_l x s_l in every frame (VAR pyramid, coarse to fine; the last is z itself)
     Returns order [L] (raster index (t,h,w) of each token; None for scale), pos [L,3], unit [L].
