@@ -70,6 +70,9 @@ class Config:
                             "must divide the token grid)")
     fm_steps: int = _f(2000, "teacher (full-attention flow matching) training steps")
     causal_steps: int = _f(1000, "causal student training steps")
+    causal_data: str = _f("real", "clips the causal student learns from: real (encoded Moving MNIST) or teacher "
+                                  "(sampled from the teacher, 25 steps, CFG 3: paper B's stage 1, so the student "
+                                  "learns the distribution that DMD later matches; ~2x the stage's time on a CPU)")
     fm_batch: int = _f(8, "paper B batch size (clips)")
     fm_lr: float = _f(3e-3, "paper B learning rate")
     fm_patch: int = _f(2, "paper B: latent cells per token side (DiT's patch size): 2 folds 2x2 cells into one token, "
@@ -158,7 +161,8 @@ LIMITS = {
     "ar_steps": STEPS, "ar_batch": BATCH, "ar_lr": LR, "ec_strength": SHARE, "frame_mask": SHARE,
     "ordered_prompt": (0, 1), "cond_drop": SHARE,
     "unit": ("frame", "keydetail", "cube", "scale"), "stride": "[1, 1e5]",
-    "fm_steps": STEPS, "causal_steps": STEPS, "fm_batch": BATCH, "fm_lr": LR, "fm_patch": "[1, 256]",
+    "fm_steps": STEPS, "causal_steps": STEPS, "causal_data": ("real", "teacher"), "fm_batch": BATCH, "fm_lr": LR,
+    "fm_patch": "[1, 256]",
     "fm_norm": ("channel", "global"), "fm_time": ("uniform", "logitnormal"), "fm_shift": "(0, 1000]",
     "image_frac": SHARE,
     "dmd_steps": STEPS, "dmd_lr": LR, "dmd_fake_lr": LR, "dmd_critic": "[1, 1000]",

@@ -27,7 +27,7 @@ from checkpoint import (build_ar, build_tokenizer, check_tokenizer, load_checkpo
 from config import (SEED, CheckError, autocast, check_config, check_device, check_flags, check_path, config_from_args,
                     one_line_errors, parser, seed_everything)
 from model import Layout, Transformer, ar_sequence, flow_pair, flow_times, frame_scale_layout, partition, unit_layout
-from sample import reconstruct, sample_stage, write_sample_gif
+from sample import generate_teacher, reconstruct, sample_stage, write_sample_gif
 from tokenizer import LatentStats
 
 STAGES = ["tokenizer", "ar", "teacher", "causal", "dmd"]
@@ -44,7 +44,7 @@ def stage_keys(stage):
     if stage in ("ar", "teacher"):
         return MODEL_KEYS + ["frames"] + (["fm_patch"] if stage == "teacher" else [])
     student = MODEL_KEYS + ["frames", "fm_patch", "unit", "stride", "cube"]
-    return student if stage == "causal" else student + ["dmd_fake"]
+    return student + ["causal_data"] if stage == "causal" else student + ["dmd_fake"]
 
 
 def lr_at(step, total, peak, warmup=50):
@@ -97,6 +97,23 @@ def encoded_clips(cfg, args, digits, tok, stage, n_image, prepare=lambda z: z):
         with autocast(args.device, args.precision):
             z = tok.encode(data.to_model(video, args.device)).float()
         return prepare(z), torch.from_numpy(labels).to(args.device)
+    return fresh
+
+
+def teacher_clips(cfg, args, teacher, stats, clip_latent):
+    """fresh(step, m) for Echo with --causal-data teacher (paper B's stage 1 trains the causal student on videos
+    sampled from its base model): m clips of random prompts sampled by the teacher (25 Euler steps, CFG 3, the
+    grid shifted as in training) -> (scaled z [m,c,t,h,w], the same layout as stats.normalize gives, prompts [m,n])."""
+    channels, side = stats.shape(cfg.z_channels, cfg.size // cfg.down)
+
+    @torch.no_grad()
+    def fresh(s, m):
+        gen = torch.Generator(args.device).manual_seed(batch_seed(args.seed, "causal", s))
+        prompts = torch.randint(0, 10, (m, cfg.num_digits), generator=gen, device=args.device)
+        with autocast(args.device, args.precision):
+            z = generate_teacher(teacher, prompts, clip_latent, side, channels, gen, progress=False,
+                                 shift=cfg.fm_shift)
+        return z.float(), prompts
     return fresh
 
 
@@ -471,7 +488,7 @@ def train_flow(cfg, args, digits, out, tok, stage):
     before it and itself (model.unit_mask). At inference a unit is denoised while the KV cache holds the
     *clean* earlier units, so this trains exactly the situation met at inference, for all units in one pass.
     Diffusion forcing (noisy contexts) would be cheaper but trains on contexts that a clean cache never shows.
-    Data: real clips (paper B's stage 1 samples the base model; on Moving MNIST real clips are plentiful).
+    Data (--causal-data): real clips, or clips sampled from the teacher as in paper B's stage 1 (teacher_clips).
     The teacher follows paper A's multi-stage recipe when --image-frac > 0: single images first, then clips.
     """
     device, path = args.device, out / f"{stage}.pt"
@@ -481,11 +498,13 @@ def train_flow(cfg, args, digits, out, tok, stage):
     step, state = resume(path, cfg, stage_keys(stage), model, opt, stage, steps, tok)
     if step >= steps:
         return model.eval()
+    teacher = None
+    if stage == "causal" and (state is None or cfg.causal_data == "teacher"):
+        teacher = load_checkpoint(out / "teacher.pt", cfg, TEACHER_INIT_KEYS)
+        check_tokenizer(teacher, tok, out / "teacher.pt")
     if state is not None:
         stats = LatentStats.from_state(state["z_stats"])
     elif stage == "causal":
-        teacher = load_checkpoint(out / "teacher.pt", cfg, TEACHER_INIT_KEYS)
-        check_tokenizer(teacher, tok, out / "teacher.pt")
         model.load_state_dict(teacher["model"])
         stats = LatentStats.from_state(teacher["z_stats"])
     else:
@@ -511,7 +530,13 @@ def train_flow(cfg, args, digits, out, tok, stage):
     curve = Curve(out, stage, args, state, cfg, digits)
     fwd = compiled(model, args)
     bar = tqdm(range(step, steps), desc=stage, initial=step, total=steps, dynamic_ncols=True)
-    echo = Echo(encoded_clips(cfg, args, digits, tok, stage, n_image, stats.normalize), cfg.echo)
+    if stage == "causal" and cfg.causal_data == "teacher":   # the teacher's clips, not the data's
+        base = Transformer(cfg.model_config())
+        base.load_state_dict(teacher["model"])
+        base = base.to(device).eval().requires_grad_(False)
+        echo = Echo(teacher_clips(cfg, args, base, stats, clip_latent), cfg.echo)
+    else:
+        echo = Echo(encoded_clips(cfg, args, digits, tok, stage, n_image, stats.normalize), cfg.echo)
     for step in bar:
         image = step < n_image   # paper A stage 1: one latent frame per sample, `clip_latent` x the batch
         n_latent, batch = (1, cfg.fm_batch * clip_latent) if image else (clip_latent, cfg.fm_batch)

@@ -38,10 +38,11 @@ def run(tiny_run):
     return tiny_run   # conftest.py: the session's tiny quickstart run (its tokenizer is what these tests need)
 
 
-@pytest.mark.parametrize("stage", ["tokenizer", "ar", "teacher", "causal", "dmd"])
-def test_resume_gives_the_same_losses_as_an_uninterrupted_run(run, tmp_path, stage):
+@pytest.mark.parametrize("stage, extra", [("tokenizer", []), ("ar", []), ("teacher", []), ("causal", []),
+                                          ("causal", ["--causal-data", "teacher"]), ("dmd", [])])
+def test_resume_gives_the_same_losses_as_an_uninterrupted_run(run, tmp_path, stage, extra):
     flags = TINY[:3] + [stage] + ["--tok-steps", "6", "--ar-steps", "6", "--fm-steps", "6", "--causal-steps", "6",
-                                  "--dmd-steps", "6", "--eval-every", "3", "--device", "cpu"]
+                                  "--dmd-steps", "6", "--eval-every", "3", "--device", "cpu"] + extra
     flags += ["--echo", "2"] if stage != "tokenizer" else []       # echoed batches resume exactly too
     whole, parts = tmp_path / "whole", tmp_path / "parts"
     for d in (whole, parts):          # later stages start from the same trained tokenizer (and teacher, student)
@@ -246,6 +247,32 @@ def test_multi_stage_trains_single_images_first_then_clips(run, tmp_path, stage,
     train.main(["--config", "tiny", "--stage", stage, "--ar-steps", "4", "--fm-steps", "4", "--eval-every", "4",
                 "--image-frac", "0.5", "--echo", "1", "--device", "cpu", "--out", str(tmp_path)])
     assert seen[-4:] == [(12, 1), (12, 1), (4, 9), (4, 9)], seen   # tiny: batch 4, 9 frames = 3 latent
+
+
+def test_causal_data_teacher_trains_the_student_on_the_teachers_clips(run, tmp_path, monkeypatch):
+    """--causal-data teacher (paper B's stage 1): every fresh batch of the causal stage is sampled by the teacher
+    (teacher.pt's weights, the batch's own seed), and no Moving MNIST clip is read."""
+    shutil.copy(run / "tokenizer.pt", tmp_path)
+    flags = ["--config", "tiny", "--fm-steps", "2", "--causal-steps", "3", "--eval-every", "3", "--echo", "1",
+             "--device", "cpu", "--out", str(tmp_path)]
+    train.main(flags + ["--stage", "teacher"])
+    teacher = checkpoint.load_checkpoint(tmp_path / "teacher.pt")["model"]
+    sampled, real, seen = [], [], []
+    generate_teacher, moving_mnist, partition = train.generate_teacher, train.data.moving_mnist, train.partition
+
+    def spy_generate(model, prompts, *a, **kw):
+        assert all(torch.equal(v, teacher[k]) for k, v in model.state_dict().items())
+        z = generate_teacher(model, prompts, *a, **kw)
+        sampled.append(z)
+        return z
+    monkeypatch.setattr(train, "generate_teacher", spy_generate)
+    monkeypatch.setattr(train.data, "moving_mnist", lambda n, d, split, *a, **kw: (
+        split == "train" and real.append(n), moving_mnist(n, d, split, *a, **kw))[1])
+    monkeypatch.setattr(train, "partition", lambda z, *a: (seen.append(z), partition(z, *a))[1])   # the batches
+    train.main(flags + ["--stage", "causal", "--causal-data", "teacher"])
+    assert len(sampled) == 3 and not real, (len(sampled), real)        # tiny: batch 4, one fresh batch per step
+    assert all(torch.equal(a, b) for a, b in zip(sampled, seen)), "the student did not train on the teacher's clips"
+    assert not torch.equal(sampled[0], sampled[1])
 
 
 def test_curve_scores_samples_at_each_checkpoint(run, tmp_path, monkeypatch):
