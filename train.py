@@ -242,9 +242,10 @@ class EMA:
                 a.lerp_(w, 1 - d) if a.is_floating_point() else a.copy_(w)   # buffers too (code usage, flags)
 
 
-def end_of_step(args, bar, step, total, every):
-    """-> (save a checkpoint now?, stop after it?): every `every` steps, at the end, and at --stop-after."""
-    stop = bool(args.stop_after) and step + 1 - bar.initial >= args.stop_after
+def end_of_step(args, start, step, total, every):
+    """-> (save a checkpoint now?, stop after it?): every `every` steps, at the end, and at --stop-after steps after
+    `start`, the first step of this run (the progress bar's range starts there: bar.iterable.start)."""
+    stop = bool(args.stop_after) and step + 1 - start >= args.stop_after
     return (step + 1) % every == 0 or step + 1 == total or stop, stop
 
 
@@ -384,10 +385,10 @@ def train_tokenizer(cfg, args, digits, out):
         t_step += time.perf_counter() - t0
         bar.set_postfix(loss=f"{loss:.4f}")
         log(out, stage="tokenizer", step=step + 1, loss=loss)
-        save, stop = end_of_step(args, bar, step, cfg.tok_steps, cfg.eval_every)
+        save, stop = end_of_step(args, bar.iterable.start, step, cfg.tok_steps, cfg.eval_every)
         if save and is_main():
             m, cont, quant = eval_tokenizer(ema.model, heldout, device)
-            n = step + 1 - bar.initial
+            n = step + 1 - bar.iterable.start
             t_model = t_step - t_data
             log(out, stage="tokenizer", step=step + 1, eval=m, data_ms=1e3 * t_data / n, step_ms=1e3 * t_model / n)
             bar.write(f"[tokenizer] step {step + 1}: held-out PSNR {m['psnr_cont']:.2f} dB (continuous), "
@@ -531,7 +532,7 @@ def train_ar(cfg, args, digits, out, tok):
                         [lambda s=s: loss_of(s) for s in shards(args)])
         bar.set_postfix(loss=f"{loss:.3f}")
         log(out, stage="ar", step=step + 1, loss=loss)
-        save, stop = end_of_step(args, bar, step, cfg.ar_steps, cfg.eval_every)
+        save, stop = end_of_step(args, bar.iterable.start, step, cfg.ar_steps, cfg.eval_every)
         if save and is_main():
             with autocast(device, args.precision):
                 held_out = eval_ar(model, tok, held, held_labels, device)
@@ -644,7 +645,7 @@ def train_flow(cfg, args, digits, out, tok, stage):
         loss = optimize(model, opt, lr_at(step, steps, lr, cfg.warmup), [lambda s=s: loss_of(s) for s in shards(args)])
         bar.set_postfix(loss=f"{loss:.4f}")
         log(out, stage=stage, step=step + 1, loss=loss)
-        save, stop = end_of_step(args, bar, step, steps, cfg.eval_every)
+        save, stop = end_of_step(args, bar.iterable.start, step, steps, cfg.eval_every)
         if save and is_main():
             save_stage(path, cfg, model, opt, step + 1, z_stats=stats.state(), tokenizer_id=tok_id,
                        train_s=curve.train_s())
@@ -743,7 +744,7 @@ def train_dmd(cfg, args, digits, out, tok):
         ema.update(generator, step)
         bar.set_postfix(loss=f"{loss:.4f}", fake=f"{fake_loss:.4f}")
         log(out, stage="dmd", step=step + 1, loss=loss, fake_loss=fake_loss)
-        save, stop = end_of_step(args, bar, step, steps, cfg.eval_every)
+        save, stop = end_of_step(args, bar.iterable.start, step, steps, cfg.eval_every)
         if save and is_main():
             save_stage(path, cfg, generator, opt, step + 1, ema=ema.model.state_dict(), fakes=scorers.state_dict(),
                        fake_opt=fake_opt.state_dict(), z_stats=stats.state(), tokenizer_id=tok_id,
@@ -778,14 +779,14 @@ def main(argv=None):
     check_config(p, cfg)
     check_flags(p, args, {"seed": SEED, "curve": "[0, 1e4]", "stop_after": "[0, 1e9]", "grad_accum": "[1, 1e5]"})
     check_device(p, args.device)
-    shares = int(os.environ.get("WORLD_SIZE", 1)) * args.grad_accum   # torchrun sets WORLD_SIZE
-    for flag in ("tok_batch", "ar_batch", "fm_batch"):
-        if getattr(cfg, flag) % shares:
-            p.error(f"--{flag.replace('_', '-')} {getattr(cfg, flag)}: allowed a multiple of ranks x --grad-accum "
-                    f"({shares})")
     check_path(p, "--out", args.out, "outdir")
     out = Path(args.out if args.out is not None else f"runs/{args.config}")
     stages = QUICKSTART if args.stage == "all" else [args.stage]
+    shares = int(os.environ.get("WORLD_SIZE", 1)) * args.grad_accum   # torchrun sets WORLD_SIZE
+    for flag in {{"tokenizer": "tok_batch", "ar": "ar_batch"}.get(s, "fm_batch") for s in stages}:
+        if getattr(cfg, flag) % shares:
+            p.error(f"--{flag.replace('_', '-')} {getattr(cfg, flag)}: allowed a multiple of ranks x --grad-accum "
+                    f"({shares})")
     if "dmd" in stages and cfg.unit == "scale":
         p.error("--unit scale: --stage dmd needs frame, keydetail or cube units (the teacher scores the finest "
                 "latent, which scale units only reach at their last unit)")
