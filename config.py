@@ -332,6 +332,7 @@ def check_config(p, cfg):
     betas = cfg.betas.split(",")
     need(len(betas) == 2 and all(not bad_value("", _float(b), "[0, 1)") for b in betas),
          f"--betas {cfg.betas!r}: allowed two numbers b1,b2 in [0, 1)")
+    need(cfg.head_dim % 2 == 0, f"--head-dim {cfg.head_dim}: allowed an even number (RoPE turns pairs)")
     need(cfg.dim >= 6 and cfg.heads >= 1, f"--dim {cfg.dim} / --heads {cfg.heads}: --depth {cfg.depth} x --aspect "
                                           f"{cfg.aspect} is narrower than one head of --head-dim {cfg.head_dim}")
     need(cfg.dim % cfg.heads == 0 and cfg.dim // cfg.heads % 2 == 0 and cfg.dim // cfg.heads >= 6,
