@@ -4,8 +4,8 @@ import pytest
 import torch
 
 from config import PRESETS, Config
-from model import KVCache, Transformer, unit_layout
-from train import build_ar
+from checkpoint import build_ar
+from model import KVCache, Layout, Transformer, unit_layout
 
 PAPERS = {"paper-a": ("ar", 2.0e9), "paper-b": ("flow", 1.3e9)}   # VideoAR-XL ~2B; Wan2.1-1.3B
 
@@ -42,6 +42,10 @@ def inputs(model, b=2, t=3, side=4):
     return x, pos, unit, torch.randint(0, 10, (b, 2), generator=g), torch.rand(b, len(unit), generator=g)
 
 
+def forward(model, x, pos, unit, prompt, mask, flow_t=None, **kw):
+    return model(x, Layout(pos, unit, mask), prompt, flow_t=flow_t, **kw)
+
+
 def test_checkpointing_gives_the_same_gradients():
     from conftest import randomised
     model = randomised(Transformer(Config(**PRESETS["tiny"]).model_config())).train()
@@ -52,7 +56,7 @@ def test_checkpointing_gives_the_same_gradients():
         model.checkpointing = ckpt
         model.zero_grad()
         calls.clear()
-        model(x, pos, unit, prompt, mask="forward", t=t).square().mean().backward()
+        forward(model, x, pos, unit, prompt, "forward", t).square().mean().backward()
         grads.append([p.grad.clone() for p in model.parameters() if p.grad is not None])
         assert len(calls) == 1 + ckpt        # checkpointed: the block runs again in the backward pass
     for a, b in zip(*grads):
@@ -63,9 +67,13 @@ def test_full_attention_without_a_mask_equals_the_all_true_mask():
     from conftest import randomised
     model = randomised(Transformer(Config(**PRESETS["tiny"]).model_config()))
     x, pos, unit, prompt, t = inputs(model)
-    everything = torch.ones(len(unit), len(unit), dtype=torch.bool)
-    assert torch.allclose(model(x, pos, unit, prompt, mask="full", t=t),
-                          model(x, pos, unit, prompt, mask=everything, t=t), atol=1e-5)
+    masks = []
+    model.blocks[0].attn.register_forward_pre_hook(lambda m, a: masks.append(a[2]))
+    no_mask = model(x, Layout(pos, unit, "full"), prompt, flow_t=t)
+    clean = torch.zeros(len(unit), dtype=torch.bool)   # every token clean: unit_mask builds the all-true mask
+    masked = model(x, Layout(pos, unit, "full", noisy=clean), prompt, flow_t=t)
+    assert masks[0] is None and masks[1].all()
+    assert torch.allclose(no_mask, masked, atol=1e-5)
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")
@@ -75,5 +83,5 @@ def test_kv_cache_stays_on_the_gpu():
     x, pos, unit, prompt, t = (a.cuda() for a in inputs(model))
     cache = KVCache(model.cfg.depth)
     with torch.no_grad():
-        model(x, pos, unit, prompt, cache=cache, append=True)
+        forward(model, x, pos, unit, prompt, "forward", cache=cache, append=True)
     assert cache.pos.is_cuda and cache.unit.is_cuda and cache.k[0].is_cuda
