@@ -5,7 +5,6 @@ Each field of `Config` is a flag (`--tok-steps 500`); its help is the field's co
 some fields; the rest keep the defaults written here.
 """
 import argparse
-import dataclasses
 import math
 import os
 import random
@@ -50,10 +49,20 @@ class Config:
                                "used by later stages (train.EMA); 0 = off, the raw weights")
     tok_coarse: float = _f(0.0, "weight of the coarse-scale loss (Tokenizer.coarse_loss): coarse partial sums decode "
                                 "to blurred video; 0 = off")
-    # transformer (model.py), shared by paper A and paper B
-    dim: int = _f(128, "transformer width")
-    depth: int = _f(4, "transformer blocks")
-    heads: int = _f(4, "attention heads")
+    # transformer (model.py), shared by paper A and paper B. The size dial is --depth (nanochat's; VAR's d): width
+    # and heads follow it unless given (Config.__post_init__); the defaults are the toy's 4 x 128 model
+    depth: int = _f(4, "transformer blocks: the size dial; --dim and --heads follow it unless given")
+    aspect: float = _f(32.0, "width per block: --dim 0 means depth * aspect, rounded to a multiple of --head-dim "
+                             "(VAR: 64)")
+    head_dim: int = _f(32, "attention head width: --heads 0 means dim / head-dim")
+    dim: int = _f(0, "transformer width; 0 = derived from --depth (see --aspect)")
+    heads: int = _f(0, "attention heads; 0 = derived from --dim (see --head-dim)")
+    # optimiser (AdamW) of every stage; the learning rates are per stage (--tok-lr, --ar-lr, ...)
+    warmup: int = _f(50, "learning-rate warm-up steps (linear) of every stage, then cosine decay to 10%% of the peak")
+    betas: str = _f("0.9,0.95", "AdamW betas b1,b2 of every stage")
+    weight_decay: float = _f(0.05, "AdamW weight decay of the generator stages (ar, teacher, causal, dmd and its "
+                                   "fake scorers)")
+    tok_weight_decay: float = _f(0.0, "AdamW weight decay of the tokenizer")
     # paper A: next-scale within a frame, next-frame across frames (train.py --stage ar)
     ar_steps: int = _f(500, "paper A training steps")
     ar_batch: int = _f(16, "paper A batch size (clips)")
@@ -74,7 +83,8 @@ class Config:
                                   "(sampled from the teacher, 25 steps, CFG 3: paper B's stage 1, so the student "
                                   "learns the distribution that DMD later matches; ~2x the stage's time on a CPU)")
     fm_batch: int = _f(8, "paper B batch size (clips)")
-    fm_lr: float = _f(3e-3, "paper B learning rate")
+    fm_lr: float = _f(3e-3, "teacher learning rate (paper B's base model)")
+    causal_lr: float = _f(3e-3, "causal student learning rate (paper B's stage 1: 1e-4 at 1.3B)")
     fm_patch: int = _f(2, "paper B: latent cells per token side (DiT's patch size): 2 folds 2x2 cells into one token, "
                           "4x fewer tokens (measured: 2x the teacher's steps per second on a CPU, where the encoder "
                           "then costs as much as the step; see --echo)")
@@ -89,7 +99,7 @@ class Config:
                                 "tokens per step) before clips; 0 = clips only")
     # paper B Sec. 3.3: Symmetric DMD, the causal student distilled into a few-step generator (train.py --stage dmd)
     dmd_steps: int = _f(500, "DMD generator updates")
-    dmd_lr: float = _f(3e-4, "DMD generator learning rate")
+    dmd_lr: float = _f(3e-4, "DMD generator learning rate (paper B's stage 2: 2e-6 at 1.3B)")
     dmd_fake_lr: float = _f(3e-4, "learning rate of the fake (generated-data) scorers")
     dmd_critic: int = _f(5, "fake-scorer updates per generator update, each on a fresh generated batch (the public DMD "
                             "codes use 5-10)")
@@ -108,6 +118,18 @@ class Config:
                       "times on average; 1 = every clip fresh")
     eval_every: int = _f(500, "steps between held-out evaluations (and checkpoints)")
     eval_clips: int = _f(32, "held-out clips for evaluation")
+
+    def __post_init__(self):
+        """The size dial: width and heads derived from depth where they are 0 (bad values are left for check_config
+        to name)."""
+        if self.depth >= 1 and self.head_dim >= 1 and math.isfinite(self.aspect) and 0 < self.aspect <= 1e4:
+            if self.dim == 0:
+                self.dim = max(1, round(self.depth * self.aspect / self.head_dim)) * self.head_dim
+            if self.heads == 0 and self.dim >= self.head_dim:
+                self.heads = self.dim // self.head_dim
+
+    def adam_betas(self):
+        return tuple(float(b) for b in self.betas.split(","))
 
     def tokenizer_config(self):
         scales = tuple(int(s) for s in self.scales.split(",")) if self.scales else ()
@@ -137,12 +159,29 @@ PRESETS = {
     # the toy run with a 4x-compression tokenizer: 28 / 24 dB in 5 min (README), but 530 tokens per latent frame
     # instead of 85, so its generator stages take hours on a CPU
     "tiny": dict(tok_steps=40, tok_batch=4, eval_every=20, eval_clips=4, width=16, vocab=256, frames=9,
-                 dim=32, depth=2, heads=2, ar_steps=20, ar_batch=4, fm_steps=20, causal_steps=20,
-                 fm_batch=4, cube="1,2,2", dmd_steps=4, dmd_critic=1),   # tests and smoke runs
-    "paper": dict(down=16, patch=4, width=128, z_channels=32, vocab=4096, tok_steps=50000, tok_batch=32, tok_frames=17,
-                  eval_every=2000, eval_clips=256, dim=1024, depth=16, heads=16, ar_steps=100000, ar_batch=64,
-                  fm_patch=1, fm_lr=3e-4, echo=1,
-                  ar_lr=3e-4),  # paper A's 16x spatial compression; needs a GPU
+                 depth=2, aspect=16, head_dim=16, ar_steps=20, ar_batch=4, fm_steps=20, causal_steps=20,
+                 fm_batch=4, cube="1,2,2", dmd_steps=4, dmd_critic=1),   # tests and smoke runs: a 2 x 32 model
+    # one GPU, hours (not measured yet): Moving MNIST at 128x128, 17 frames, a 12-block ~130M model (VAR's aspect)
+    "gpu": dict(size=128, frames=17, width=64, vocab=4096, tok_steps=20000, tok_batch=32, eval_every=2000,
+                eval_clips=64, depth=12, aspect=64, head_dim=64, ar_steps=50000, ar_batch=64, ar_lr=3e-4,
+                fm_steps=50000, causal_steps=20000, fm_batch=64, fm_lr=3e-4, causal_lr=1e-4, cube="1,4,4",
+                dmd_steps=5000, dmd_lr=1e-5, dmd_fake_lr=1e-5, echo=1, warmup=1000),
+    # paper A's VideoAR-XL (~2B): VAR-d30's shape (30 blocks of width 64 * 30 = 1920, 30 heads of 64); its 16x
+    # spatial / 4x temporal tokenizer on 4 s clips (65 frames: 16 fps assumed). The canvas is square here (384; the
+    # paper's is 384x672: the code has one --size)
+    "paper-a": dict(size=384, frames=65, down=16, patch=4, width=128, z_channels=32, vocab=4096,
+                    scales="1,2,3,4,6,8,12,16,24", tok_steps=50000, tok_batch=32, tok_frames=17, eval_every=2000,
+                    eval_clips=256, depth=30, aspect=64, head_dim=64, ar_steps=100000, ar_batch=64, ar_lr=3e-4,
+                    echo=1, warmup=2000),
+    # paper B's Wan-1.3B-shaped student: 30 blocks of width 1536, 12 heads of 128 (Wan2.1-1.3B; our MLP is 4x, Wan's
+    # 5.8x, and there is no text cross-attention), Wan's 8x / 4x latent of 16 channels in 2x2 patches, 81 frames (5 s
+    # at 16 fps; square 480 canvas for Wan's 480x832), cube units; paper B Sec. 4: causal lr 1e-4 for 30k
+    # iterations, DMD lr 2e-6 for 6k
+    "paper-b": dict(size=480, frames=81, down=8, patch=4, width=128, z_channels=16, tok_steps=50000, tok_batch=32,
+                    scales="1,2,3,5,10,15,30,60", tok_frames=17, eval_every=2000, eval_clips=256, depth=30,
+                    aspect=51.2, head_dim=128,
+                    fm_patch=2, unit="cube", cube="3,15,15", fm_steps=100000, causal_steps=30000, fm_batch=64,
+                    fm_lr=1e-4, causal_lr=1e-4, dmd_steps=6000, dmd_lr=2e-6, dmd_fake_lr=2e-6, echo=1, warmup=1000),
 }
 
 
@@ -157,12 +196,13 @@ LIMITS = {
     "ft": "[1, 64]", "down": (4, 8, 16), "patch": (1, 2, 4), "width": "[1, 4096]", "z_channels": "[1, 1024]",
     "vocab": "[2, 1e6]", "tok_steps": STEPS, "tok_batch": BATCH, "tok_frames": FRAMES, "tok_lr": LR,
     "tok_beta": "[0, 100]", "tok_ema": "[0, 1)", "tok_coarse": "[0, 100]",
-    "dim": "[6, 65536]", "depth": "[1, 1000]", "heads": "[1, 1024]",
+    "depth": "[1, 1000]", "aspect": "(0, 1e4]", "head_dim": "[6, 4096]", "dim": "[0, 65536]", "heads": "[0, 1024]",
+    "warmup": "[0, 1e9]", "weight_decay": "[0, 10]", "tok_weight_decay": "[0, 10]",
     "ar_steps": STEPS, "ar_batch": BATCH, "ar_lr": LR, "ec_strength": SHARE, "frame_mask": SHARE,
     "ordered_prompt": (0, 1), "cond_drop": SHARE,
     "unit": ("frame", "keydetail", "cube", "scale"), "stride": "[1, 1e5]",
     "fm_steps": STEPS, "causal_steps": STEPS, "causal_data": ("real", "teacher"), "fm_batch": BATCH, "fm_lr": LR,
-    "fm_patch": "[1, 256]",
+    "causal_lr": LR, "fm_patch": "[1, 256]",
     "fm_norm": ("channel", "global"), "fm_time": ("uniform", "logitnormal"), "fm_shift": "(0, 1000]",
     "image_frac": SHARE,
     "dmd_steps": STEPS, "dmd_lr": LR, "dmd_fake_lr": LR, "dmd_critic": "[1, 1000]",
@@ -293,12 +333,25 @@ def check_config(p, cfg):
          f"(latent frames x latent side / --fm-patch)")
     need(cfg.unit != "scale" or cfg.unit_kwargs()["scales"][-1:] == (tokens,),
          f"--unit scale: the scales ({cfg.scales or 'powers of 2'}) must include the token side {tokens}")
+    betas = cfg.betas.split(",")
+    need(len(betas) == 2 and all(not bad_value("", _float(b), "[0, 1)") for b in betas),
+         f"--betas {cfg.betas!r}: allowed two numbers b1,b2 in [0, 1)")
+    need(cfg.head_dim % 2 == 0, f"--head-dim {cfg.head_dim}: allowed an even number (RoPE turns pairs)")
+    need(cfg.dim >= 6 and cfg.heads >= 1, f"--dim {cfg.dim} / --heads {cfg.heads}: --depth {cfg.depth} x --aspect "
+                                          f"{cfg.aspect} is narrower than one head of --head-dim {cfg.head_dim}")
     need(cfg.dim % cfg.heads == 0 and cfg.dim // cfg.heads % 2 == 0 and cfg.dim // cfg.heads >= 6,
          f"--dim {cfg.dim} / --heads {cfg.heads}: allowed a head width dim/heads that is an even integer >= 6")
     need(cfg.dmd_t_min < cfg.dmd_t_max, f"--dmd-t-min {cfg.dmd_t_min} / --dmd-t-max {cfg.dmd_t_max}: allowed "
                                         f"min < max")
     need(not cfg.data_dir or not Path(cfg.data_dir).exists() or Path(cfg.data_dir).is_dir(),
          f"--data-dir {cfg.data_dir!r}: allowed a directory (MNIST is downloaded there when missing)")
+
+
+def _float(text):
+    try:
+        return float(text)
+    except ValueError:
+        return None
 
 
 def parser(description, prog):
@@ -329,9 +382,8 @@ def autocast(device, precision):
 
 
 def config_from_args(args):
-    cfg = Config(**PRESETS[args.config])
     over = {f.name: getattr(args, f.name) for f in fields(Config) if getattr(args, f.name) is not None}
-    return dataclasses.replace(cfg, **over)
+    return Config(**{**PRESETS[args.config], **over})    # one construction: the size dial sees the flags too
 
 
 def seed_everything(seed):

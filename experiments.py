@@ -76,7 +76,7 @@ def table(rows, cols):
 
 def train_args(args):
     return SimpleNamespace(device=args.device, seed=args.seed, stop_after=0, precision=args.precision, compile=False,
-                           curve=0)
+                           curve=0, grad_accum=1, checkpointing=False)
 
 
 def amp(args):
@@ -323,17 +323,19 @@ def positions(args, base, cfg, tok, digits, nets):
         layout = Layout(pos.to(args.device), unit.to(args.device), mask="full")
         torch.manual_seed(args.seed)
         model = Transformer(c.model_config()).to(args.device)
-        opt = torch.optim.AdamW(model.parameters(), lr=c.fm_lr, betas=(0.9, 0.95), weight_decay=0.05)
+        opt = train.adamw(model.parameters(), c.fm_lr, c, c.weight_decay)
         row, t0 = {}, time.time()
         for step in range(args.steps):
             i = torch.randint(0, len(x_all), (32,), generator=gen).to(args.device)
             flow_t = flow_times((32, 1), c.fm_time, gen, "cpu", c.fm_shift).to(args.device).expand(-1, x_all.shape[1])
             xt, v = flow_pair(x_all[i], flow_t, gen)
             drop = (torch.rand(32, generator=gen) < c.cond_drop).to(args.device)
-            with amp(args):
-                loss = torch.nn.functional.mse_loss(
-                    model(xt, layout, labels[i], drop=drop, flow_t=flow_t).float(), v)
-            train.optimize(model, opt, loss, train.lr_at(step, args.steps, c.fm_lr))
+
+            def loss_of():
+                with amp(args):
+                    return torch.nn.functional.mse_loss(
+                        model(xt, layout, labels[i], drop=drop, flow_t=flow_t).float(), v)
+            train.optimize(model, opt, train.lr_at(step, args.steps, c.fm_lr, c.warmup), [loss_of])
             if (step + 1) % max(1, args.steps // 4) == 0:
                 prompts = prompts_for(args.num, 1, 4321).to(args.device)
                 frames = sample_stage("teacher", model, c, tok, stats, prompts,

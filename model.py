@@ -30,6 +30,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from einops import rearrange
+from torch.utils.checkpoint import checkpoint
 
 
 @dataclass
@@ -225,7 +226,8 @@ def rope(x, pos, base):
 
 # ------------------------------------------------------------------------------------------------ KV cache
 class KVCache:
-    """Per-layer keys (before rotation) and values of finished tokens, with their positions and unit indices.
+    """Per-layer keys (before rotation) and values of finished tokens, with their positions and unit indices (on the
+    tokens' device after the first append: no copy to the CPU per forward).
 
     `append=False` forwards attend to the cache without adding to it (paper B's denoising steps); a clean
     re-forward with `append=True` then writes the finished unit. `evict(max_units)` drops the oldest units
@@ -241,8 +243,9 @@ class KVCache:
         return len(self.unit)
 
     def time_base(self, new_pos):
-        """Smallest frame index in view. Subtracting it keeps RoPE angles bounded by the context length."""
-        return torch.cat([self.pos[:, 0], new_pos[:, 0].cpu()]).min()
+        """Smallest frame index in view, a 0-d tensor on new_pos's device. Subtracting it keeps RoPE angles bounded
+        by the context length."""
+        return torch.cat([self.pos[:, 0].to(new_pos.device), new_pos[:, 0]]).min()
 
     def num_units(self):
         return len(torch.unique(self.unit))
@@ -369,6 +372,7 @@ class Transformer(nn.Module):
         self.time = nn.Sequential(nn.Linear(cfg.dim, cfg.dim), nn.SiLU(), nn.Linear(cfg.dim, cfg.dim))
         self.blocks = nn.ModuleList(Block(cfg) for _ in range(cfg.depth))
         self.norm = nn.LayerNorm(cfg.dim, elementwise_affine=False, eps=1e-6)
+        self.checkpointing = False   # train.py --checkpointing: blocks recompute their activations in the backward
         self.ada_out = nn.Linear(cfg.dim, 2 * cfg.dim)
         self.head = nn.Linear(cfg.dim, cfg.vocab or cfg.in_channels)
         nn.init.zeros_(self.ada_out.weight)
@@ -409,21 +413,27 @@ class Transformer(nn.Module):
             cond = cond + self.time(timestep_embedding(flow_t, self.cfg.dim))    # [B,L,C]
         pos_q, pos_keys = pos, None
         if cache is not None:   # re-base time to the oldest frame in view (see KVCache); keys = cached + new
-            shift = torch.tensor([float(cache.time_base(pos)), 0.0, 0.0])
-            pos_q = pos - shift.to(pos.device)
-            pos_keys = torch.cat([cache.pos - shift, pos_q.cpu()]).to(pos.device)
-            unit_keys = torch.cat([cache.unit, unit.cpu()]).to(unit.device)
-            noisy_keys = None if noisy is None else torch.cat([torch.zeros(len(cache), dtype=torch.bool), noisy.cpu()])
+            cache_pos, cache_unit = cache.pos.to(pos.device), cache.unit.to(unit.device)   # no-ops after the first
+            shift = F.pad(cache.time_base(pos)[None], (0, 2))                  # [3]: (t0, 0, 0); no copy to the CPU
+            pos_q = pos - shift
+            pos_keys = torch.cat([cache_pos - shift, pos_q])                    # [Lk,3]
+            unit_keys = torch.cat([cache_unit, unit])                           # [Lk]
+            noisy_keys = None if noisy is None else torch.cat([noisy.new_zeros(len(cache)), noisy])
         else:
             unit_keys, noisy_keys = unit, noisy
-        mask = unit_mask(unit, unit_keys, layout.mask, noisy,
-                         None if noisy_keys is None else noisy_keys.to(unit.device))                # [Lq,Lk]
+        if layout.mask == "full" and noisy is None and layout.hide is None:
+            mask = None         # all see all: no mask, so SDPA may pick its fastest (flash) kernel on a GPU
+        else:
+            mask = unit_mask(unit, unit_keys, layout.mask, noisy, noisy_keys)  # [Lq,Lk]
         if layout.hide is not None:
             mask = mask & ~layout.hide[:, None]                                  # [B,1,Lq,Lk]
         for i, blk in enumerate(self.blocks):
-            h = blk(h, cond, pos_q, mask, cache=cache, layer=i, append=append, pos_keys=pos_keys)
+            if self.checkpointing and self.training and torch.is_grad_enabled() and cache is None:
+                h = checkpoint(blk, h, cond, pos_q, mask, use_reentrant=False)
+            else:
+                h = blk(h, cond, pos_q, mask, cache=cache, layer=i, append=append, pos_keys=pos_keys)
         if cache is not None and append:
-            cache.pos = torch.cat([cache.pos, pos.cpu().float()])
-            cache.unit = torch.cat([cache.unit, unit.cpu()])
+            cache.pos = torch.cat([cache_pos, pos.float()])
+            cache.unit = torch.cat([cache_unit, unit])
         shift, scale = self.ada_out(F.silu(cond)).chunk(2, -1)
         return self.head(modulate(self.norm(h), shift, scale))

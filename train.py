@@ -6,10 +6,13 @@
 
 Stages write to --out (default runs/<config>): <stage>.pt (atomic checkpoint, config inside), log.jsonl and GIFs.
 Re-running a command resumes from its checkpoint exactly (same batches, same RNG), or skips a finished stage.
+
+  torchrun --nproc_per_node 8 train.py --config gpu   # data parallel on 8 GPUs (or CPU processes: --device cpu)
 """
 import copy
 import json
 import math
+import os
 import sys
 import time
 from dataclasses import asdict, replace
@@ -17,6 +20,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 from tqdm import tqdm
 
@@ -47,16 +51,71 @@ def stage_keys(stage):
     return student + ["causal_data"] if stage == "causal" else student + ["dmd_fake"]
 
 
-def lr_at(step, total, peak, warmup=50):
+def lr_at(step, total, peak, warmup):
     """Linear warm-up, then cosine decay to 10% of the peak."""
     if step < warmup:
         return peak * (step + 1) / warmup
     return peak * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * (step - warmup) / max(1, total - warmup))))
 
 
-def batch_seed(seed, stage, step):
-    """Batch `step` of a stage is a pure function of (seed, stage, step): resuming replays the same data."""
-    return (seed * 1_000_003 + STAGES.index(stage) * 10_007 + step) % 2 ** 63
+def batch_seed(seed, stage, step, shard=0):
+    """Micro-batch `shard` of batch `step` of a stage is a pure function of (seed, stage, step, shard): resuming
+    replays the same data, and each rank draws its own shards (see `shards`)."""
+    return (seed * 1_000_003 + STAGES.index(stage) * 10_007 + step + shard * 1_000_000_007) % 2 ** 63
+
+
+def adamw(params, lr, cfg, weight_decay):
+    return torch.optim.AdamW(params, lr=lr, betas=cfg.adam_betas(), weight_decay=weight_decay)
+
+
+# ------------------------------------------------------------------------------ data parallel (torchrun)
+# `torchrun --nproc_per_node N train.py ...` starts N copies of this script, one per rank. A stage's batch flag is
+# the global batch: it is split into N x --grad-accum micro-batches ("shards"); rank r computes shards
+# r*K .. r*K+K-1, each drawn from its own seed (batch_seed), and the gradients are averaged over all of them before
+# one optimizer step. So a run depends on the global batch alone: N ranks with K accumulation steps train as one
+# process with N*K (tests/test_distributed.py). The averaging is one all-reduce per step, after the backward passes:
+# DDP's, without its overlap of communication with the backward pass (the stages' several forward passes per step,
+# DMD's rollouts, need no special care this way). Rank 0 alone writes checkpoints, logs and GIFs.
+def init_distributed(args):
+    """Join the process group when torchrun started us (RANK is set); each rank takes its own GPU."""
+    if "RANK" not in os.environ or dist.is_initialized():
+        return
+    cuda = torch.device(args.device).type == "cuda"
+    if cuda:
+        args.device = f"cuda:{int(os.environ['LOCAL_RANK'])}"
+        torch.cuda.set_device(args.device)
+    dist.init_process_group("nccl" if cuda else "gloo")
+
+
+def rank_and_world():
+    return (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
+
+
+def is_main():
+    return rank_and_world()[0] == 0
+
+
+def shards(args):
+    """This rank's micro-batch indices in the global batch."""
+    rank = rank_and_world()[0]
+    return [rank * args.grad_accum + k for k in range(args.grad_accum)]
+
+
+def micro(batch, args):
+    """Clips per micro-batch of a global batch (main() checks that it divides)."""
+    return batch // (rank_and_world()[1] * args.grad_accum)
+
+
+def broadcast_from_main(module):
+    """Rank 0's parameters and buffers to every rank (at a stage's start; after the tokenizer's codebook moves)."""
+    if dist.is_initialized():
+        for t in [*module.parameters(), *module.buffers()]:
+            dist.broadcast(t.data, 0)
+
+
+def barrier():
+    if dist.is_initialized():
+        dist.barrier()
 
 
 class Echo:
@@ -87,28 +146,29 @@ class Echo:
         return tuple(torch.cat([a, p[idx.to(p.device)]]) for a, p in zip(new, pool))
 
 
-def encoded_clips(cfg, args, digits, tok, stage, n_image, prepare=lambda z: z):
-    """fresh(step, m) for Echo: m training clips of a generator stage's step (single images in paper A's image
-    stage, steps < n_image), encoded by the frozen tokenizer -> (prepare(z) [m,...], labels [m,n])."""
+def encoded_clips(cfg, args, digits, tok, stage, n_image, shard, prepare=lambda z: z):
+    """fresh(step, m) for Echo: m training clips of micro-batch `shard` of a generator stage's step (single images
+    in paper A's image stage, steps < n_image), encoded by the frozen tokenizer -> (prepare(z) [m,...], labels [m,n])."""
     @torch.no_grad()
     def fresh(s, m):
         video, labels = data.moving_mnist(m, digits, "train", data.mm_config(cfg, 1 if s < n_image else None),
-                                          seed=batch_seed(args.seed, stage, s))
+                                          seed=batch_seed(args.seed, stage, s, shard))
         with autocast(args.device, args.precision):
             z = tok.encode(data.to_model(video, args.device)).float()
         return prepare(z), torch.from_numpy(labels).to(args.device)
     return fresh
 
 
-def teacher_clips(cfg, args, teacher, stats, clip_latent):
+def teacher_clips(cfg, args, teacher, stats, clip_latent, shard):
     """fresh(step, m) for Echo with --causal-data teacher (paper B's stage 1 trains the causal student on videos
-    sampled from its base model): m clips of random prompts sampled by the teacher (25 Euler steps, CFG 3, the
-    grid shifted as in training) -> (scaled z [m,c,t,h,w], the same layout as stats.normalize gives, prompts [m,n])."""
+    sampled from its base model): m clips of micro-batch `shard`, random prompts, sampled by the teacher (25 Euler
+    steps, CFG 3, the grid shifted as in training) -> (scaled z [m,c,t,h,w], the layout stats.normalize gives,
+    prompts [m,n])."""
     channels, side = stats.shape(cfg.z_channels, cfg.size // cfg.down)
 
     @torch.no_grad()
     def fresh(s, m):
-        gen = torch.Generator(args.device).manual_seed(batch_seed(args.seed, "causal", s))
+        gen = torch.Generator(args.device).manual_seed(batch_seed(args.seed, "causal", s, shard))
         prompts = torch.randint(0, 10, (m, cfg.num_digits), generator=gen, device=args.device)
         with autocast(args.device, args.precision):
             z = generate_teacher(teacher, prompts, clip_latent, side, channels, gen, progress=False,
@@ -123,6 +183,8 @@ def heldout_clips(cfg, digits, n, frames=None, seed=1234):
 
 
 def log(out, **row):
+    if not is_main():
+        return
     with open(Path(out) / "log.jsonl", "a") as f:
         f.write(json.dumps(row) + "\n")
 
@@ -144,7 +206,7 @@ def resume(path, cfg, keys, model, opt, name, total, tok=None):
     model.load_state_dict(state["model"])
     opt.load_state_dict(state["opt"])
     torch.set_rng_state(state["rng"])
-    print(f"[{name}] {path} is finished ({state['step']} steps); skipping" if state["step"] >= total
+    is_main() and print(f"[{name}] {path} is finished ({state['step']} steps); skipping" if state["step"] >= total
           else f"[{name}] resuming from step {state['step']}")
     return state["step"], state
 
@@ -156,13 +218,28 @@ def compiled(module, args):
     return torch.compile(module) if args.compile else module
 
 
-def optimize(model, opt, loss, lr):
+def optimize(model, opt, lr, losses):
+    """One optimizer step on the global batch. losses: this rank's micro-batch losses as functions (each builds its
+    graph when called, so one micro-batch's activations live at a time) -> the mean loss over the global batch.
+    Gradients are averaged over micro-batches and ranks, then clipped to norm 1."""
     opt.zero_grad(set_to_none=True)
+    total = 0
+    for loss_of in losses:
+        loss = loss_of() / len(losses)
+        loss.backward()
+        total = total + loss.detach()
+    _, world = rank_and_world()
+    if world > 1:
+        for p in model.parameters():
+            if p.grad is not None:   # the same parameters have gradients on every rank
+                dist.all_reduce(p.grad)
+                p.grad /= world
+        dist.all_reduce(total)
     for g in opt.param_groups:
         g["lr"] = lr
-    loss.backward()
     torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
     opt.step()
+    return total.item() / world
 
 
 class EMA:
@@ -183,9 +260,10 @@ class EMA:
                 a.lerp_(w, 1 - d) if a.is_floating_point() else a.copy_(w)   # buffers too (code usage, flags)
 
 
-def end_of_step(args, bar, step, total, every):
-    """-> (save a checkpoint now?, stop after it?): every `every` steps, at the end, and at --stop-after."""
-    stop = bool(args.stop_after) and step + 1 - bar.initial >= args.stop_after
+def end_of_step(args, start, step, total, every):
+    """-> (save a checkpoint now?, stop after it?): every `every` steps, at the end, and at --stop-after steps after
+    `start`, the first step of this run (the progress bar's range starts there: bar.iterable.start)."""
+    stop = bool(args.stop_after) and step + 1 - start >= args.stop_after
     return (step + 1) % every == 0 or step + 1 == total or stop, stop
 
 
@@ -258,7 +336,7 @@ def write_curve(out, stage):
 
 def stop_now(bar, name, args):
     bar.close()
-    print(f"[{name}] stopped after {args.stop_after} steps (--stop-after); run again to resume")
+    is_main() and print(f"[{name}] stopped after {args.stop_after} steps (--stop-after); run again to resume")
     sys.exit(0)
 
 
@@ -284,8 +362,9 @@ def train_tokenizer(cfg, args, digits, out):
     device = args.device
     path = out / "tokenizer.pt"
     tok = build_tokenizer(cfg).to(device)
-    opt = torch.optim.AdamW(tok.parameters(), lr=cfg.tok_lr, betas=(0.9, 0.95), weight_decay=0.0)
+    opt = adamw(tok.parameters(), cfg.tok_lr, cfg, cfg.tok_weight_decay)
     step, state = resume(path, cfg, stage_keys("tokenizer"), tok, opt, "tokenizer", cfg.tok_steps)
+    broadcast_from_main(tok)
     ema = EMA(tok, cfg.tok_ema)     # ema.model is what is evaluated, saved and handed to the later stages
     if state is not None and "ema" in state:
         ema.model.load_state_dict(state["ema"])
@@ -295,33 +374,45 @@ def train_tokenizer(cfg, args, digits, out):
     mm = data.mm_config(cfg, cfg.tok_frames)
     t_data = t_step = 0.0
     fwd = compiled(tok, args)
-    bar = tqdm(range(step, cfg.tok_steps), desc="tokenizer", initial=step, total=cfg.tok_steps, dynamic_ncols=True)
+    bar = tqdm(range(step, cfg.tok_steps), desc="tokenizer", initial=step, total=cfg.tok_steps, dynamic_ncols=True,
+               disable=not is_main())
     for step in bar:
-        t0 = time.perf_counter()
-        video, _ = data.moving_mnist(cfg.tok_batch, digits, "train", mm, seed=batch_seed(args.seed, "tokenizer", step))
-        x = data.to_model(video, device)
-        t1 = time.perf_counter()
-        with autocast(device, args.precision):
-            rec, rec_q, vq_loss, z = fwd(x)
-            loss = F.mse_loss(rec, x) + F.mse_loss(rec_q, x) + vq_loss
-            if cfg.tok_coarse > 0 and len(tok.scales) > 1:   # one coarse scale per step, in turn (Tokenizer.coarse_loss)
-                loss = loss + cfg.tok_coarse * tok.coarse_loss(x, z, step % (len(tok.scales) - 1))
-        optimize(tok, opt, loss, lr_at(step, cfg.tok_steps, cfg.tok_lr))
+        t0, first = time.perf_counter(), []
+
+        def loss_of(shard):
+            nonlocal t_data
+            t1 = time.perf_counter()
+            video, _ = data.moving_mnist(micro(cfg.tok_batch, args), digits, "train", mm,
+                                         seed=batch_seed(args.seed, "tokenizer", step, shard))
+            x = data.to_model(video, device)
+            t_data += time.perf_counter() - t1
+            with autocast(device, args.precision):
+                rec, rec_q, vq_loss, z = fwd(x)
+                loss = F.mse_loss(rec, x) + F.mse_loss(rec_q, x) + vq_loss
+                if cfg.tok_coarse > 0 and len(tok.scales) > 1:   # one coarse scale per step, in turn (coarse_loss)
+                    loss = loss + cfg.tok_coarse * tok.coarse_loss(x, z, step % (len(tok.scales) - 1))
+            first[:] = first or [z.detach()]
+            return loss
+
+        loss = optimize(tok, opt, lr_at(step, cfg.tok_steps, cfg.tok_lr, cfg.warmup),
+                        [lambda s=s: loss_of(s) for s in shards(args)])
         if step % 25 == 0:   # keep every code alive (see MultiScaleVQ.restart_dead_codes)
-            tok.vq.restart_dead_codes(z.detach().transpose(1, 2).flatten(0, 1))
+            tok.vq.restart_dead_codes(first[0].transpose(1, 2).flatten(0, 1))
+            broadcast_from_main(tok.vq)   # the data-dependent codebook (its first step's init too) is rank 0's
         ema.update(tok, step)
-        t_data, t_step = t_data + t1 - t0, t_step + time.perf_counter() - t1
-        bar.set_postfix(loss=f"{loss.item():.4f}")
-        log(out, stage="tokenizer", step=step + 1, loss=loss.item())
-        save, stop = end_of_step(args, bar, step, cfg.tok_steps, cfg.eval_every)
-        if save:
+        t_step += time.perf_counter() - t0
+        bar.set_postfix(loss=f"{loss:.4f}")
+        log(out, stage="tokenizer", step=step + 1, loss=loss)
+        save, stop = end_of_step(args, bar.iterable.start, step, cfg.tok_steps, cfg.eval_every)
+        if save and is_main():
             m, cont, quant = eval_tokenizer(ema.model, heldout, device)
-            n = step + 1 - bar.initial
-            log(out, stage="tokenizer", step=step + 1, eval=m, data_ms=1e3 * t_data / n, step_ms=1e3 * t_step / n)
+            n = step + 1 - bar.iterable.start
+            t_model = t_step - t_data
+            log(out, stage="tokenizer", step=step + 1, eval=m, data_ms=1e3 * t_data / n, step_ms=1e3 * t_model / n)
             bar.write(f"[tokenizer] step {step + 1}: held-out PSNR {m['psnr_cont']:.2f} dB (continuous), "
                       f"{m['psnr_quant']:.2f} dB (quantized); code perplexity per scale "
                       f"{', '.join(f'{u:.0f}' for u in m['perplexity'])}; data {1e3 * t_data / n:.1f} ms vs "
-                      f"step {1e3 * t_step / n:.0f} ms")
+                      f"step {1e3 * t_model / n:.0f} ms")
             save_stage(path, cfg, tok, opt, step + 1, metrics=m, ema=ema.model.state_dict())
             data.save_gif(out / "tokenizer.gif", np.concatenate([heldout[:6], cont[:6], quant[:6]], axis=2))
         if stop:
@@ -409,8 +500,10 @@ def train_ar(cfg, args, digits, out, tok):
     device = args.device
     path = out / "ar.pt"
     model = build_ar(cfg, cfg.vocab).to(device)
-    opt = torch.optim.AdamW(model.parameters(), lr=cfg.ar_lr, betas=(0.9, 0.95), weight_decay=0.05)
+    model.checkpointing = args.checkpointing
+    opt = adamw(model.parameters(), cfg.ar_lr, cfg, cfg.weight_decay)
     step, state = resume(path, cfg, stage_keys("ar"), model, opt, "ar", cfg.ar_steps, tok)
+    broadcast_from_main(model)
     if step >= cfg.ar_steps:
         return model.eval()
     tok = tok.to(device).eval().requires_grad_(False)
@@ -424,35 +517,45 @@ def train_ar(cfg, args, digits, out, tok):
     held, held_labels = heldout_clips(cfg, digits, cfg.eval_clips)
     curve = Curve(out, "ar", args, state, cfg, digits)
     fwd = compiled(model, args)
-    echo = Echo(encoded_clips(cfg, args, digits, tok, "ar", n_image), cfg.echo)
-    bar = tqdm(range(step, cfg.ar_steps), desc="ar", initial=step, total=cfg.ar_steps, dynamic_ncols=True)
+    echoes = {s: Echo(encoded_clips(cfg, args, digits, tok, "ar", n_image, s), cfg.echo) for s in shards(args)}
+    bar = tqdm(range(step, cfg.ar_steps), desc="ar", initial=step, total=cfg.ar_steps, dynamic_ncols=True,
+               disable=not is_main())
     for step in bar:
         image = step < n_image   # paper A stage 1: one latent frame per sample, `clip_latent` x the batch
-        n_latent, batch = (1, cfg.ar_batch * clip_latent) if image else (clip_latent, cfg.ar_batch)
+        batch = micro(cfg.ar_batch, args)
+        n_latent, batch = (1, batch * clip_latent) if image else (clip_latent, batch)
         layout, frame = layouts[n_latent]
-        gen = torch.Generator(device).manual_seed(batch_seed(args.seed, "ar", step))
-        z, prompt = echo.batch(step, batch, 0 if image else n_image, gen)
-        corrupt = error_correction(cfg.ec_strength, n_latent, cfg.vocab, gen) if cfg.ec_strength > 0 else None
-        with autocast(device, args.precision):
-            with torch.no_grad():   # error correction: fresh corruption at every use of an echoed clip
-                codes, inputs, f_hat, _ = tok.quantize(z, corrupt=corrupt)
-            x, y = ar_sequence(inputs, codes, f_hat)   # f_hat: the corrupted sum, the later frames' context
-            drop = torch.rand(len(x), generator=gen, device=device) < cfg.cond_drop
-            if cfg.frame_mask > 0 and n_latent > 1:
-                hide, prev = random_frame_mask(cfg.frame_mask, frame, len(x), gen)
-                x = hide_previous(x, prev)
-                layout = replace(layout, hide=hide)
-            logits = fwd(x, layout, prompt, drop=drop)
-            loss = F.cross_entropy(logits.flatten(0, 1), y.flatten())
-        optimize(model, opt, loss, lr_at(step, cfg.ar_steps, cfg.ar_lr))
-        bar.set_postfix(loss=f"{loss.item():.3f}")
-        log(out, stage="ar", step=step + 1, loss=loss.item())
-        save, stop = end_of_step(args, bar, step, cfg.ar_steps, cfg.eval_every)
-        if save:
+        hits = []
+
+        def loss_of(shard):
+            gen = torch.Generator(device).manual_seed(batch_seed(args.seed, "ar", step, shard))
+            z, prompt = echoes[shard].batch(step, batch, 0 if image else n_image, gen)
+            corrupt = error_correction(cfg.ec_strength, n_latent, cfg.vocab, gen) if cfg.ec_strength > 0 else None
+            with autocast(device, args.precision):
+                with torch.no_grad():   # error correction: fresh corruption at every use of an echoed clip
+                    codes, inputs, f_hat, _ = tok.quantize(z, corrupt=corrupt)
+                x, y = ar_sequence(inputs, codes, f_hat)   # f_hat: the corrupted sum, the later frames' context
+                drop = torch.rand(len(x), generator=gen, device=device) < cfg.cond_drop
+                shard_layout = layout
+                if cfg.frame_mask > 0 and n_latent > 1:
+                    hide, prev = random_frame_mask(cfg.frame_mask, frame, len(x), gen)
+                    x = hide_previous(x, prev)
+                    shard_layout = replace(layout, hide=hide)
+                logits = fwd(x, shard_layout, prompt, drop=drop)
+                loss = F.cross_entropy(logits.flatten(0, 1), y.flatten())
+            hits.append((logits.argmax(-1) == y).float().mean())
+            return loss
+
+        loss = optimize(model, opt, lr_at(step, cfg.ar_steps, cfg.ar_lr, cfg.warmup),
+                        [lambda s=s: loss_of(s) for s in shards(args)])
+        bar.set_postfix(loss=f"{loss:.3f}")
+        log(out, stage="ar", step=step + 1, loss=loss)
+        save, stop = end_of_step(args, bar.iterable.start, step, cfg.ar_steps, cfg.eval_every)
+        if save and is_main():
             with autocast(device, args.precision):
                 held_out = eval_ar(model, tok, held, held_labels, device)
             bar.write(f"[ar] step {step + 1}: held-out " + ", ".join(f"{k} {v:.3f}" for k, v in held_out.items()))
-            log(out, stage="ar", step=step + 1, train_acc=(logits.argmax(-1) == y).float().mean().item(),
+            log(out, stage="ar", step=step + 1, train_acc=(sum(hits) / len(hits)).item(),
                 **{"heldout_" + k: v for k, v in held_out.items()})
             save_stage(path, cfg, model, opt, step + 1, tokenizer_id=tok_id, train_s=curve.train_s())
             curve.point(bar, step + 1, 1 + (n_latent - 1) * cfg.ft,
@@ -492,9 +595,10 @@ def train_flow(cfg, args, digits, out, tok, stage):
     The teacher follows paper A's multi-stage recipe when --image-frac > 0: single images first, then clips.
     """
     device, path = args.device, out / f"{stage}.pt"
-    steps = cfg.fm_steps if stage == "teacher" else cfg.causal_steps
+    steps, lr = (cfg.fm_steps, cfg.fm_lr) if stage == "teacher" else (cfg.causal_steps, cfg.causal_lr)
     model = Transformer(cfg.model_config()).to(device)
-    opt = torch.optim.AdamW(model.parameters(), lr=cfg.fm_lr, betas=(0.9, 0.95), weight_decay=0.05)
+    model.checkpointing = args.checkpointing
+    opt = adamw(model.parameters(), lr, cfg, cfg.weight_decay)
     step, state = resume(path, cfg, stage_keys(stage), model, opt, stage, steps, tok)
     if step >= steps:
         return model.eval()
@@ -509,6 +613,7 @@ def train_flow(cfg, args, digits, out, tok, stage):
         stats = LatentStats.from_state(teacher["z_stats"])
     else:
         stats = measure_latent(tok, cfg, digits, device)
+    broadcast_from_main(model)
     tok = tok.to(device).eval().requires_grad_(False)
     tok_id = tokenizer_id(tok)
     clip_latent = 1 + (cfg.frames - 1) // cfg.ft     # latent frames of a training clip
@@ -529,40 +634,47 @@ def train_flow(cfg, args, digits, out, tok, stage):
     layouts = {n: units_of(n) for n in ({1, clip_latent} if n_image else {clip_latent})}
     curve = Curve(out, stage, args, state, cfg, digits)
     fwd = compiled(model, args)
-    bar = tqdm(range(step, steps), desc=stage, initial=step, total=steps, dynamic_ncols=True)
+    bar = tqdm(range(step, steps), desc=stage, initial=step, total=steps, dynamic_ncols=True, disable=not is_main())
     if stage == "causal" and cfg.causal_data == "teacher":   # the teacher's clips, not the data's
         base = Transformer(cfg.model_config())
         base.load_state_dict(teacher["model"])
         base = base.to(device).eval().requires_grad_(False)
-        echo = Echo(teacher_clips(cfg, args, base, stats, clip_latent), cfg.echo)
-    else:
-        echo = Echo(encoded_clips(cfg, args, digits, tok, stage, n_image, stats.normalize), cfg.echo)
+
+    def clips(shard):   # Echo's source for one micro-batch: the teacher's samples or encoded Moving MNIST
+        if stage == "causal" and cfg.causal_data == "teacher":
+            return teacher_clips(cfg, args, base, stats, clip_latent, shard)
+        return encoded_clips(cfg, args, digits, tok, stage, n_image, shard, stats.normalize)
+    echoes = {s: Echo(clips(s), cfg.echo) for s in shards(args)}
     for step in bar:
         image = step < n_image   # paper A stage 1: one latent frame per sample, `clip_latent` x the batch
-        n_latent, batch = (1, cfg.fm_batch * clip_latent) if image else (clip_latent, cfg.fm_batch)
+        batch = micro(cfg.fm_batch, args)
+        n_latent, batch = (1, batch * clip_latent) if image else (clip_latent, batch)
         order, layout, n_units = layouts[n_latent]
-        gen = torch.Generator(device).manual_seed(batch_seed(args.seed, stage, step))
-        z, prompt = echo.batch(step, batch, 0 if image else n_image, gen)
-        with autocast(device, args.precision):
-            x0 = partition(z, order, cfg.unit_kwargs()["scales"])                   # [B,L,c] in unit order
-            b = len(x0)
-            drop = torch.rand(b, generator=gen, device=device) < cfg.cond_drop
-            if stage == "teacher":   # one noise level per clip: flow_t [B,L]
-                flow_t = flow_times((b, 1), cfg.fm_time, gen, device, cfg.fm_shift).expand(-1, x0.shape[1])
-                xt, v = flow_pair(x0, flow_t, gen)
-                pred = fwd(xt, layout, prompt, drop=drop, flow_t=flow_t)
-            else:                    # one noise level per unit [B,n_units], then per (noisy) token [B,L]
-                flow_t = flow_times((b, n_units), cfg.fm_time, gen, device, cfg.fm_shift)
-                flow_t = flow_t[:, layout.unit[len(layout.unit) // 2:]]
-                xt, v = flow_pair(x0, flow_t, gen)
-                pred = fwd(torch.cat([x0, xt], 1), layout, prompt, drop=drop,            # [B,2L,c]: clean, noisy
-                           flow_t=torch.cat([torch.zeros_like(flow_t), flow_t], 1))[:, x0.shape[1]:]
-            loss = F.mse_loss(pred.float(), v)
-        optimize(model, opt, loss, lr_at(step, steps, cfg.fm_lr))
-        bar.set_postfix(loss=f"{loss.item():.4f}")
-        log(out, stage=stage, step=step + 1, loss=loss.item())
-        save, stop = end_of_step(args, bar, step, steps, cfg.eval_every)
-        if save:
+
+        def loss_of(shard):
+            gen = torch.Generator(device).manual_seed(batch_seed(args.seed, stage, step, shard))
+            z, prompt = echoes[shard].batch(step, batch, 0 if image else n_image, gen)
+            with autocast(device, args.precision):
+                x0 = partition(z, order, cfg.unit_kwargs()["scales"])                   # [B,L,c] in unit order
+                b = len(x0)
+                drop = torch.rand(b, generator=gen, device=device) < cfg.cond_drop
+                if stage == "teacher":   # one noise level per clip: flow_t [B,L]
+                    flow_t = flow_times((b, 1), cfg.fm_time, gen, device, cfg.fm_shift).expand(-1, x0.shape[1])
+                    xt, v = flow_pair(x0, flow_t, gen)
+                    pred = fwd(xt, layout, prompt, drop=drop, flow_t=flow_t)
+                else:                    # one noise level per unit [B,n_units], then per (noisy) token [B,L]
+                    flow_t = flow_times((b, n_units), cfg.fm_time, gen, device, cfg.fm_shift)
+                    flow_t = flow_t[:, layout.unit[len(layout.unit) // 2:]]
+                    xt, v = flow_pair(x0, flow_t, gen)
+                    pred = fwd(torch.cat([x0, xt], 1), layout, prompt, drop=drop,        # [B,2L,c]: clean, noisy
+                               flow_t=torch.cat([torch.zeros_like(flow_t), flow_t], 1))[:, x0.shape[1]:]
+                return F.mse_loss(pred.float(), v)
+
+        loss = optimize(model, opt, lr_at(step, steps, lr, cfg.warmup), [lambda s=s: loss_of(s) for s in shards(args)])
+        bar.set_postfix(loss=f"{loss:.4f}")
+        log(out, stage=stage, step=step + 1, loss=loss)
+        save, stop = end_of_step(args, bar.iterable.start, step, steps, cfg.eval_every)
+        if save and is_main():
             save_stage(path, cfg, model, opt, step + 1, z_stats=stats.state(), tokenizer_id=tok_id,
                        train_s=curve.train_s())
             curve.point(bar, step + 1, 1 + (n_latent - 1) * cfg.ft,
@@ -586,11 +698,13 @@ def train_dmd(cfg, args, digits, out, tok):
     generator (--dmd-ema) is what load_flow, the sample GIF and sample.py --method dmd use."""
     device, path, steps = args.device, out / "dmd.pt", cfg.dmd_steps
     generator = Transformer(cfg.model_config()).to(device)
-    opt = torch.optim.AdamW(generator.parameters(), lr=cfg.dmd_lr, betas=(0.9, 0.95), weight_decay=0.05)
+    opt = adamw(generator.parameters(), cfg.dmd_lr, cfg, cfg.weight_decay)
     masks = dmd.fake_masks(cfg.dmd_fake)
     scorers = torch.nn.ModuleList(Transformer(cfg.model_config()) for _ in masks).to(device)
     fakes = dict(zip(masks, scorers))                      # mask -> its fake scorer
-    fake_opt = torch.optim.AdamW(scorers.parameters(), lr=cfg.dmd_fake_lr, betas=(0.9, 0.95), weight_decay=0.05)
+    for m in [generator, *scorers]:
+        m.checkpointing = args.checkpointing
+    fake_opt = adamw(scorers.parameters(), cfg.dmd_fake_lr, cfg, cfg.weight_decay)
     step, state = resume(path, cfg, stage_keys("dmd"), generator, opt, "dmd", steps, tok)
     if state is None:   # a fresh start: the generator is the causal student
         student = load_checkpoint(out / "causal.pt", cfg, stage_keys("causal"))
@@ -609,6 +723,7 @@ def train_dmd(cfg, args, digits, out, tok):
     else:
         scorers.load_state_dict(state["fakes"])
         fake_opt.load_state_dict(state["fake_opt"])
+    broadcast_from_main(generator), broadcast_from_main(scorers)
     stats = LatentStats.from_state(student["z_stats"] if state is None else state["z_stats"])
     teacher = Transformer(cfg.model_config())
     teacher.load_state_dict(teacher_state["model"])
@@ -626,33 +741,39 @@ def train_dmd(cfg, args, digits, out, tok):
         return partition(z, order)
 
     def prompts(gen):
-        return torch.randint(0, 10, (cfg.fm_batch, cfg.num_digits), generator=gen, device=device)
+        return torch.randint(0, 10, (micro(cfg.fm_batch, args), cfg.num_digits), generator=gen, device=device)
 
-    curve = Curve(out, "dmd", args, state, cfg, digits)
-    bar = tqdm(range(step, steps), desc="dmd", initial=step, total=steps, dynamic_ncols=True)
-    for step in bar:
-        gen = torch.Generator(device).manual_seed(batch_seed(args.seed, "dmd", step))
-        for _ in range(cfg.dmd_critic):   # the fake scorers follow the generator's current clips
-            p = prompts(gen)
-            with autocast(device, args.precision):
-                with torch.no_grad():
-                    x0 = clip(p, gen)
-                flow_t = flow_times((len(x0), 1), cfg.fm_time, gen, device, cfg.fm_shift).expand(-1, x0.shape[1])
-                fake_loss = sum(dmd.flow_matching_loss(dmd.fake_velocity(fakes, m, layout, p), x0, flow_t, gen)
-                                for m in fakes) / len(fakes)
-            optimize(scorers, fake_opt, fake_loss, lr_at(step, steps, cfg.dmd_fake_lr))
+    def fake_loss_of(gen):   # flow matching of the fake scorers on fresh generated clips
+        p = prompts(gen)
+        with autocast(device, args.precision):
+            with torch.no_grad():
+                x0 = clip(p, gen)
+            flow_t = flow_times((len(x0), 1), cfg.fm_time, gen, device, cfg.fm_shift).expand(-1, x0.shape[1])
+            return sum(dmd.flow_matching_loss(dmd.fake_velocity(fakes, m, layout, p), x0, flow_t, gen)
+                       for m in fakes) / len(fakes)
+
+    def loss_of(gen):        # the generator's distribution matching loss
         p = prompts(gen)
         with autocast(device, args.precision):
             x = clip(p, gen)
             flow_t = dmd.noise_levels(len(x), cfg.dmd_t_min, cfg.dmd_t_max, gen, device)[:, None].expand(-1, x.shape[1])
-            loss, _ = dmd.distribution_matching_loss(x, flow_t, dmd.real_x0(teacher, layout, p, cfg.dmd_cfg),
-                                                     dmd.fake_x0(fakes, cfg.dmd_fake, layout, p), gen)
-        optimize(generator, opt, loss, lr_at(step, steps, cfg.dmd_lr))
+            return dmd.distribution_matching_loss(x, flow_t, dmd.real_x0(teacher, layout, p, cfg.dmd_cfg),
+                                                  dmd.fake_x0(fakes, cfg.dmd_fake, layout, p), gen)[0]
+
+    curve = Curve(out, "dmd", args, state, cfg, digits)
+    bar = tqdm(range(step, steps), desc="dmd", initial=step, total=steps, dynamic_ncols=True, disable=not is_main())
+    for step in bar:
+        gens = [torch.Generator(device).manual_seed(batch_seed(args.seed, "dmd", step, s)) for s in shards(args)]
+        for _ in range(cfg.dmd_critic):   # the fake scorers follow the generator's current clips
+            fake_loss = optimize(scorers, fake_opt, lr_at(step, steps, cfg.dmd_fake_lr, cfg.warmup),
+                                 [lambda g=g: fake_loss_of(g) for g in gens])
+        loss = optimize(generator, opt, lr_at(step, steps, cfg.dmd_lr, cfg.warmup),
+                        [lambda g=g: loss_of(g) for g in gens])
         ema.update(generator, step)
-        bar.set_postfix(loss=f"{loss.item():.4f}", fake=f"{fake_loss.item():.4f}")
-        log(out, stage="dmd", step=step + 1, loss=loss.item(), fake_loss=fake_loss.item())
-        save, stop = end_of_step(args, bar, step, steps, cfg.eval_every)
-        if save:
+        bar.set_postfix(loss=f"{loss:.4f}", fake=f"{fake_loss:.4f}")
+        log(out, stage="dmd", step=step + 1, loss=loss, fake_loss=fake_loss)
+        save, stop = end_of_step(args, bar.iterable.start, step, steps, cfg.eval_every)
+        if save and is_main():
             save_stage(path, cfg, generator, opt, step + 1, ema=ema.model.state_dict(), fakes=scorers.state_dict(),
                        fake_opt=fake_opt.state_dict(), z_stats=stats.state(), tokenizer_id=tok_id,
                        train_s=curve.train_s())
@@ -677,19 +798,29 @@ def main(argv=None):
                    "and plot in --out/curve_<stage>.md/.png (0 = off; the first use trains eval.py's nets, ~10 min)")
     p.add_argument("--stop-after", type=int, default=0, help="save and stop after this many steps of this run "
                    "(for time-sliced or preemptible jobs; running the command again resumes)")
+    p.add_argument("--grad-accum", type=int, default=1, help="micro-batches per rank and step: the batch flags are the "
+                   "global batch, split over ranks (torchrun) x this, for a batch larger than memory")
+    p.add_argument("--checkpointing", action="store_true", help="activation checkpointing of the transformer blocks: "
+                   "recomputed in the backward pass instead of stored (less memory, ~1/3 more compute)")
     args = p.parse_args(argv)
     cfg = config_from_args(args)       # every flag and the run directory are checked before any work (issue 20)
     check_config(p, cfg)
-    check_flags(p, args, {"seed": SEED, "curve": "[0, 1e4]", "stop_after": "[0, 1e9]"})
+    check_flags(p, args, {"seed": SEED, "curve": "[0, 1e4]", "stop_after": "[0, 1e9]", "grad_accum": "[1, 1e5]"})
     check_device(p, args.device)
     check_path(p, "--out", args.out, "outdir")
     out = Path(args.out if args.out is not None else f"runs/{args.config}")
     stages = QUICKSTART if args.stage == "all" else [args.stage]
+    shares = int(os.environ.get("WORLD_SIZE", 1)) * args.grad_accum   # torchrun sets WORLD_SIZE
+    for flag in {{"tokenizer": "tok_batch", "ar": "ar_batch"}.get(s, "fm_batch") for s in stages}:
+        if getattr(cfg, flag) % shares:
+            p.error(f"--{flag.replace('_', '-')} {getattr(cfg, flag)}: allowed a multiple of ranks x --grad-accum "
+                    f"({shares})")
     if "dmd" in stages and cfg.unit == "scale":
         p.error("--unit scale: --stage dmd needs frame, keydetail or cube units (the teacher scores the finest "
                 "latent, which scale units only reach at their last unit)")
     with one_line_errors(p):           # a checkpoint that does not fit the flags: one line, not a traceback
         check_run(cfg, out, stages)
+        init_distributed(args)
         out.mkdir(parents=True, exist_ok=True)
         train_stages(cfg, args, out, stages)
 
@@ -709,24 +840,24 @@ def check_run(cfg, out, stages):
 def train_stages(cfg, args, out, stages):
     seed_everything(args.seed)
     digits = data.load_digits(cfg.data_dir or None)
-    print(f"[data] digits: {data_source_line(digits)}")
+    is_main() and print(f"[data] digits: {data_source_line(digits)}")
     t0 = time.time()
     tok = None
     for stage in stages:
         if stage == "tokenizer":
             tok = train_tokenizer(cfg, args, digits, out)
-        elif stage == "ar":
-            tok = tok or load_tokenizer(out, args.device)[0]
-            train_ar(cfg, args, digits, out, tok)
-            write_sample_gif(cfg, args, out, stage, tok)
         else:
             tok = tok or load_tokenizer(out, args.device)[0]
-            if stage == "dmd":
+            if stage == "ar":
+                train_ar(cfg, args, digits, out, tok)
+            elif stage == "dmd":
                 train_dmd(cfg, args, digits, out, tok)
             else:
                 train_flow(cfg, args, digits, out, tok, stage)
-            write_sample_gif(cfg, args, out, stage, tok)
-    print(f"[train] done in {time.time() - t0:.0f} s; outputs in {out}/")
+            if is_main():   # rank 0 alone writes
+                write_sample_gif(cfg, args, out, stage, tok)
+        barrier()   # the next stage reads what rank 0 just wrote
+    is_main() and print(f"[train] done in {time.time() - t0:.0f} s; outputs in {out}/")
 
 
 def data_source_line(d):

@@ -110,7 +110,7 @@ def test_lookup_is_the_nearest_code():
     assert torch.equal(tok.vq.lookup(r).flatten(), brute)
 
 
-@pytest.mark.parametrize("preset", ["toy", "toy-d4", "tiny", "paper"])
+@pytest.mark.parametrize("preset", ["toy", "toy-d4", "tiny", "gpu", "paper-a", "paper-b"])
 def test_every_preset_builds_a_consistent_tokenizer(preset):
     from config import PRESETS, Config
     cfg = Config(**PRESETS[preset])
