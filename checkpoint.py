@@ -69,6 +69,13 @@ def check_tokenizer(state, tok, path):
 
 
 # ------------------------------------------------------------------------------------- models of a run
+def trained_weights(state):
+    """The weights a stage ships: the moving average of its weights (train.EMA: --tok-ema, --gen-ema, --dmd-ema)
+    when its checkpoint holds one, else the raw weights. Sampling, evaluation and the later stages (the student
+    starts from the teacher, DMD from the student and the teacher) all take these."""
+    return state.get("ema", state["model"])
+
+
 def build_tokenizer(cfg):
     return Tokenizer(cfg.tokenizer_config(), cfg.size)
 
@@ -84,7 +91,7 @@ def load_tokenizer(ckpt_dir, device="cpu"):
     state = load_checkpoint(Path(ckpt_dir) / "tokenizer.pt")
     cfg = Config(**state["config"])
     tok = build_tokenizer(cfg)
-    tok.load_state_dict(state.get("ema", state["model"]))   # the averaged weights (train.EMA), when saved
+    tok.load_state_dict(trained_weights(state))
     return tok.to(device).eval(), cfg
 
 
@@ -95,7 +102,7 @@ def load_ar(ckpt_dir, device="cpu", tok=None):
     check_tokenizer(state, tok, path)
     cfg = Config(**state["config"])
     model = build_ar(cfg, cfg.vocab)
-    model.load_state_dict(state["model"])
+    model.load_state_dict(trained_weights(state))
     return model.to(device).eval(), cfg
 
 
@@ -107,5 +114,5 @@ def load_flow(ckpt_dir, stage, device="cpu", tok=None):
     check_tokenizer(state, tok, path)
     cfg = Config(**state["config"])
     model = Transformer(cfg.model_config())
-    model.load_state_dict(state.get("ema", state["model"]))   # the DMD generator's averaged weights (train.EMA)
+    model.load_state_dict(trained_weights(state))
     return model.to(device).eval(), cfg, LatentStats.from_state(state["z_stats"])

@@ -63,6 +63,9 @@ class Config:
     weight_decay: float = _f(0.05, "AdamW weight decay of the generator stages (ar, teacher, causal, dmd and its "
                                    "fake scorers)")
     tok_weight_decay: float = _f(0.0, "AdamW weight decay of the tokenizer")
+    gen_ema: float = _f(0.0, "decay of the moving average of the ar, teacher and causal models' weights (train.EMA); "
+                             "when on, the average is what is evaluated, sampled, saved and handed to the later "
+                             "stages; 0 = off, the raw weights (the toy's default: its gain on a CPU is not measured)")
     # paper A: next-scale within a frame, next-frame across frames (train.py --stage ar)
     ar_steps: int = _f(500, "paper A training steps")
     ar_batch: int = _f(16, "paper A batch size (clips)")
@@ -165,14 +168,14 @@ PRESETS = {
     "gpu": dict(size=128, frames=17, width=64, vocab=4096, tok_steps=20000, tok_batch=32, eval_every=2000,
                 eval_clips=64, depth=12, aspect=64, head_dim=64, ar_steps=50000, ar_batch=64, ar_lr=3e-4,
                 fm_steps=50000, causal_steps=20000, fm_batch=64, fm_lr=3e-4, causal_lr=1e-4, cube="1,4,4",
-                dmd_steps=5000, dmd_lr=1e-5, dmd_fake_lr=1e-5, echo=1, warmup=1000),
+                dmd_steps=5000, dmd_lr=1e-5, dmd_fake_lr=1e-5, echo=1, warmup=1000, gen_ema=0.999),
     # paper A's VideoAR-XL (~2B): VAR-d30's shape (30 blocks of width 64 * 30 = 1920, 30 heads of 64); its 16x
     # spatial / 4x temporal tokenizer on 4 s clips (65 frames: 16 fps assumed). The canvas is square here (384; the
     # paper's is 384x672: the code has one --size)
     "paper-a": dict(size=384, frames=65, down=16, patch=4, width=128, z_channels=32, vocab=4096,
                     scales="1,2,3,4,6,8,12,16,24", tok_steps=50000, tok_batch=32, tok_frames=17, eval_every=2000,
                     eval_clips=256, depth=30, aspect=64, head_dim=64, ar_steps=100000, ar_batch=64, ar_lr=3e-4,
-                    echo=1, warmup=2000),
+                    echo=1, warmup=2000, gen_ema=0.999),
     # paper B's Wan-1.3B-shaped student: 30 blocks of width 1536, 12 heads of 128 (Wan2.1-1.3B; our MLP is 4x, Wan's
     # 5.8x, and there is no text cross-attention), Wan's 8x / 4x latent of 16 channels in 2x2 patches, 81 frames (5 s
     # at 16 fps; square 480 canvas for Wan's 480x832), cube units; paper B Sec. 4: causal lr 1e-4 for 30k
@@ -181,7 +184,8 @@ PRESETS = {
                     scales="1,2,3,5,10,15,30,60", tok_frames=17, eval_every=2000, eval_clips=256, depth=30,
                     aspect=51.2, head_dim=128,
                     fm_patch=2, unit="cube", cube="3,15,15", fm_steps=100000, causal_steps=30000, fm_batch=64,
-                    fm_lr=1e-4, causal_lr=1e-4, dmd_steps=6000, dmd_lr=2e-6, dmd_fake_lr=2e-6, echo=1, warmup=1000),
+                    fm_lr=1e-4, causal_lr=1e-4, dmd_steps=6000, dmd_lr=2e-6, dmd_fake_lr=2e-6, echo=1, warmup=1000,
+                    gen_ema=0.999),
 }
 
 
@@ -198,6 +202,7 @@ LIMITS = {
     "tok_beta": "[0, 100]", "tok_ema": "[0, 1)", "tok_coarse": "[0, 100]",
     "depth": "[1, 1000]", "aspect": "(0, 1e4]", "head_dim": "[6, 4096]", "dim": "[0, 65536]", "heads": "[0, 1024]",
     "warmup": "[0, 1e9]", "weight_decay": "[0, 10]", "tok_weight_decay": "[0, 10]",
+    "gen_ema": "[0, 1)",
     "ar_steps": STEPS, "ar_batch": BATCH, "ar_lr": LR, "ec_strength": SHARE, "frame_mask": SHARE,
     "ordered_prompt": (0, 1), "cond_drop": SHARE,
     "unit": ("frame", "keydetail", "cube", "scale"), "stride": "[1, 1e5]",

@@ -27,7 +27,7 @@ from tqdm import tqdm
 import data
 import dmd
 from checkpoint import (build_ar, build_tokenizer, check_tokenizer, load_checkpoint, load_tokenizer, save_checkpoint,
-                        tokenizer_id)
+                        tokenizer_id, trained_weights)
 from config import (SEED, CheckError, autocast, check_config, check_device, check_flags, check_path, config_from_args,
                     one_line_errors, parser, seed_everything)
 from model import Layout, Transformer, ar_sequence, flow_pair, flow_times, frame_scale_layout, partition, unit_layout
@@ -246,11 +246,19 @@ class EMA:
     """Exponential moving average of a model's weights, w_avg <- d * w_avg + (1 - d) * w after every step (Polyak
     averaging, as VAR's and most diffusion codebases ship): the average is what is evaluated, saved and used. The
     decay ramps up as min(decay, (1 + step) / (10 + step)) so the first steps do not average in the random init.
-    decay 0 = off: `model` is the trained model itself."""
+    decay 0 = off: `model` is the trained model itself. Every stage keeps one: --tok-ema, --gen-ema (ar, teacher,
+    causal), --dmd-ema. `state`: the checkpoint a run resumes from; its average is restored (one saved without an
+    average, the flag newly on, starts it from the resumed weights)."""
 
-    def __init__(self, model, decay):
+    def __init__(self, model, decay, state=None):
         self.decay = decay
         self.model = copy.deepcopy(model).requires_grad_(False) if decay > 0 else model
+        if decay > 0 and state is not None and "ema" in state:
+            self.model.load_state_dict(state["ema"])
+
+    def saved(self):
+        """Its part of a checkpoint: the average as 'ema' (what checkpoint.trained_weights hands on); none when off."""
+        return {"ema": self.model.state_dict()} if self.decay > 0 else {}
 
     @torch.no_grad()
     def update(self, model, step):
@@ -365,9 +373,7 @@ def train_tokenizer(cfg, args, digits, out):
     opt = adamw(tok.parameters(), cfg.tok_lr, cfg, cfg.tok_weight_decay)
     step, state = resume(path, cfg, stage_keys("tokenizer"), tok, opt, "tokenizer", cfg.tok_steps)
     broadcast_from_main(tok)
-    ema = EMA(tok, cfg.tok_ema)     # ema.model is what is evaluated, saved and handed to the later stages
-    if state is not None and "ema" in state:
-        ema.model.load_state_dict(state["ema"])
+    ema = EMA(tok, cfg.tok_ema, state)     # ema.model is what is evaluated, saved and handed to the later stages
     if step >= cfg.tok_steps:
         return ema.model.eval()
     heldout, _ = heldout_clips(cfg, digits, cfg.eval_clips)
@@ -413,7 +419,7 @@ def train_tokenizer(cfg, args, digits, out):
                       f"{m['psnr_quant']:.2f} dB (quantized); code perplexity per scale "
                       f"{', '.join(f'{u:.0f}' for u in m['perplexity'])}; data {1e3 * t_data / n:.1f} ms vs "
                       f"step {1e3 * t_model / n:.0f} ms")
-            save_stage(path, cfg, tok, opt, step + 1, metrics=m, ema=ema.model.state_dict())
+            save_stage(path, cfg, tok, opt, step + 1, metrics=m, **ema.saved())
             data.save_gif(out / "tokenizer.gif", np.concatenate([heldout[:6], cont[:6], quant[:6]], axis=2))
         if stop:
             stop_now(bar, "tokenizer", args)
@@ -504,8 +510,9 @@ def train_ar(cfg, args, digits, out, tok):
     opt = adamw(model.parameters(), cfg.ar_lr, cfg, cfg.weight_decay)
     step, state = resume(path, cfg, stage_keys("ar"), model, opt, "ar", cfg.ar_steps, tok)
     broadcast_from_main(model)
+    ema = EMA(model, cfg.gen_ema, state)   # --gen-ema: ema.model is what is evaluated, sampled and saved for use
     if step >= cfg.ar_steps:
-        return model.eval()
+        return ema.model.eval()
     tok = tok.to(device).eval().requires_grad_(False)
     tok_id = tokenizer_id(tok)
     clip_latent = 1 + (cfg.frames - 1) // cfg.ft     # latent frames of a training clip
@@ -548,22 +555,23 @@ def train_ar(cfg, args, digits, out, tok):
 
         loss = optimize(model, opt, lr_at(step, cfg.ar_steps, cfg.ar_lr, cfg.warmup),
                         [lambda s=s: loss_of(s) for s in shards(args)])
+        ema.update(model, step)
         bar.set_postfix(loss=f"{loss:.3f}")
         log(out, stage="ar", step=step + 1, loss=loss)
         save, stop = end_of_step(args, bar.iterable.start, step, cfg.ar_steps, cfg.eval_every)
         if save and is_main():
             with autocast(device, args.precision):
-                held_out = eval_ar(model, tok, held, held_labels, device)
+                held_out = eval_ar(ema.model, tok, held, held_labels, device)
             bar.write(f"[ar] step {step + 1}: held-out " + ", ".join(f"{k} {v:.3f}" for k, v in held_out.items()))
             log(out, stage="ar", step=step + 1, train_acc=(sum(hits) / len(hits)).item(),
                 **{"heldout_" + k: v for k, v in held_out.items()})
-            save_stage(path, cfg, model, opt, step + 1, tokenizer_id=tok_id, train_s=curve.train_s())
+            save_stage(path, cfg, model, opt, step + 1, tokenizer_id=tok_id, train_s=curve.train_s(), **ema.saved())
             curve.point(bar, step + 1, 1 + (n_latent - 1) * cfg.ft,
-                        lambda prompts, gen, f: sample_stage("ar", model, cfg, tok, None, prompts, gen, f, args))
+                        lambda prompts, gen, f: sample_stage("ar", ema.model, cfg, tok, None, prompts, gen, f, args))
         if stop:
             stop_now(bar, "ar", args)
     curve.write()
-    return model.eval()
+    return ema.model.eval()
 
 
 # ------------------------------------------------------------------------ paper B: teacher and causal student
@@ -601,19 +609,20 @@ def train_flow(cfg, args, digits, out, tok, stage):
     opt = adamw(model.parameters(), lr, cfg, cfg.weight_decay)
     step, state = resume(path, cfg, stage_keys(stage), model, opt, stage, steps, tok)
     if step >= steps:
-        return model.eval()
+        return EMA(model, cfg.gen_ema, state).model.eval()
     teacher = None
     if stage == "causal" and (state is None or cfg.causal_data == "teacher"):
         teacher = load_checkpoint(out / "teacher.pt", cfg, TEACHER_INIT_KEYS)
         check_tokenizer(teacher, tok, out / "teacher.pt")
     if state is not None:
         stats = LatentStats.from_state(state["z_stats"])
-    elif stage == "causal":
-        model.load_state_dict(teacher["model"])
+    elif stage == "causal":   # the student starts as the teacher the run ships: its average, with --gen-ema
+        model.load_state_dict(trained_weights(teacher))
         stats = LatentStats.from_state(teacher["z_stats"])
     else:
         stats = measure_latent(tok, cfg, digits, device)
     broadcast_from_main(model)
+    ema = EMA(model, cfg.gen_ema, state)   # --gen-ema: ema.model is what is sampled, scored and saved for use
     tok = tok.to(device).eval().requires_grad_(False)
     tok_id = tokenizer_id(tok)
     clip_latent = 1 + (cfg.frames - 1) // cfg.ft     # latent frames of a training clip
@@ -637,7 +646,7 @@ def train_flow(cfg, args, digits, out, tok, stage):
     bar = tqdm(range(step, steps), desc=stage, initial=step, total=steps, dynamic_ncols=True, disable=not is_main())
     if stage == "causal" and cfg.causal_data == "teacher":   # the teacher's clips, not the data's
         base = Transformer(cfg.model_config())
-        base.load_state_dict(teacher["model"])
+        base.load_state_dict(trained_weights(teacher))   # the teacher that sample.py --method teacher draws
         base = base.to(device).eval().requires_grad_(False)
 
     def clips(shard):   # Echo's source for one micro-batch: the teacher's samples or encoded Moving MNIST
@@ -671,18 +680,19 @@ def train_flow(cfg, args, digits, out, tok, stage):
                 return F.mse_loss(pred.float(), v)
 
         loss = optimize(model, opt, lr_at(step, steps, lr, cfg.warmup), [lambda s=s: loss_of(s) for s in shards(args)])
+        ema.update(model, step)
         bar.set_postfix(loss=f"{loss:.4f}")
         log(out, stage=stage, step=step + 1, loss=loss)
         save, stop = end_of_step(args, bar.iterable.start, step, steps, cfg.eval_every)
         if save and is_main():
             save_stage(path, cfg, model, opt, step + 1, z_stats=stats.state(), tokenizer_id=tok_id,
-                       train_s=curve.train_s())
+                       train_s=curve.train_s(), **ema.saved())
             curve.point(bar, step + 1, 1 + (n_latent - 1) * cfg.ft,
-                        lambda prompts, gen, f: sample_stage(stage, model, cfg, tok, stats, prompts, gen, f, args))
+                        lambda prompts, gen, f: sample_stage(stage, ema.model, cfg, tok, stats, prompts, gen, f, args))
         if stop:
             stop_now(bar, stage, args)
     curve.write()
-    return model.eval()
+    return ema.model.eval()
 
 
 def train_dmd(cfg, args, digits, out, tok):
@@ -709,24 +719,22 @@ def train_dmd(cfg, args, digits, out, tok):
     if state is None:   # a fresh start: the generator is the causal student
         student = load_checkpoint(out / "causal.pt", cfg, stage_keys("causal"))
         check_tokenizer(student, tok, out / "causal.pt")
-        generator.load_state_dict(student["model"])
-    ema = EMA(generator, cfg.dmd_ema)
-    if state is not None and cfg.dmd_ema > 0:
-        ema.model.load_state_dict(state["ema"])
+        generator.load_state_dict(trained_weights(student))   # the student's average, with --gen-ema
+    ema = EMA(generator, cfg.dmd_ema, state)
     if step >= steps:
         return ema.model.eval()
     teacher_state = load_checkpoint(out / "teacher.pt", cfg, TEACHER_INIT_KEYS)
     check_tokenizer(teacher_state, tok, out / "teacher.pt")
     if state is None:   # ... and the fake scorers start as the teacher
         for scorer in scorers:
-            scorer.load_state_dict(teacher_state["model"])
+            scorer.load_state_dict(trained_weights(teacher_state))
     else:
         scorers.load_state_dict(state["fakes"])
         fake_opt.load_state_dict(state["fake_opt"])
     broadcast_from_main(generator), broadcast_from_main(scorers)
     stats = LatentStats.from_state(student["z_stats"] if state is None else state["z_stats"])
     teacher = Transformer(cfg.model_config())
-    teacher.load_state_dict(teacher_state["model"])
+    teacher.load_state_dict(trained_weights(teacher_state))
     teacher = teacher.to(device).eval().requires_grad_(False)
     tok = tok.to(device).eval().requires_grad_(False)
     tok_id = tokenizer_id(tok)
@@ -774,7 +782,7 @@ def train_dmd(cfg, args, digits, out, tok):
         log(out, stage="dmd", step=step + 1, loss=loss, fake_loss=fake_loss)
         save, stop = end_of_step(args, bar.iterable.start, step, steps, cfg.eval_every)
         if save and is_main():
-            save_stage(path, cfg, generator, opt, step + 1, ema=ema.model.state_dict(), fakes=scorers.state_dict(),
+            save_stage(path, cfg, generator, opt, step + 1, **ema.saved(), fakes=scorers.state_dict(),
                        fake_opt=fake_opt.state_dict(), z_stats=stats.state(), tokenizer_id=tok_id,
                        train_s=curve.train_s())
             curve.point(bar, step + 1, cfg.frames,
