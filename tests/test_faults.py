@@ -1,16 +1,21 @@
-"""Faults (issue 20): a training run killed with SIGKILL loses nothing but the steps since its last checkpoint, and a
-corrupt MNIST copy in the cache is never read."""
+"""Faults (issue 20): a training run killed with SIGKILL loses nothing but the steps since its last checkpoint, a
+read-only --out is refused before any work, and a corrupt MNIST copy in the cache is never read."""
+import hashlib
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
 import time
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
 
+import checkpoint
 import data
+import train
 
 REPO = Path(__file__).resolve().parents[1]
 FLAGS = ["train.py", "--config", "tiny", "--stage", "tokenizer", "--tok-steps", "12", "--eval-every", "3",
@@ -59,3 +64,40 @@ def test_a_corrupt_mnist_copy_is_refused_by_its_md5(tmp_path, capsys):
     assert "md5 mismatch" in out and str(tmp_path / good.name) in out, out
     assert str(data.SHARED_MNIST) in digits.source and len(digits.train_images) == 8000
     assert (tmp_path / good.name).stat().st_size == 5000       # left for the user to delete, not silently replaced
+
+
+@contextmanager
+def read_only(folder):
+    """`folder` unwritable for every process: chmod 555, and where that does not bind (root ignores the mode bits) the
+    immutable attribute, which binds root too (chattr +i: ext4, xfs, btrfs; needs CAP_LINUX_IMMUTABLE). Skips the
+    test when neither makes the folder unwritable."""
+    mode, immutable = folder.stat().st_mode, False
+    folder.chmod(0o555)
+    try:
+        if os.access(folder, os.W_OK) and shutil.which("chattr"):
+            immutable = subprocess.run(["chattr", "+i", str(folder)], capture_output=True).returncode == 0
+        if os.access(folder, os.W_OK):
+            pytest.skip("cannot make a folder unwritable here: chmod does not bind this user (root) and chattr +i "
+                        "failed (no CAP_LINUX_IMMUTABLE, or a file system without the attribute)")
+        yield
+    finally:
+        if immutable:
+            subprocess.run(["chattr", "-i", str(folder)], check=True)
+        folder.chmod(mode)
+
+
+def test_a_read_only_out_is_refused_before_any_work(tmp_path):
+    """A read-only run folder as --out, resumed or with a new run below it: one line on stderr naming --out, exit
+    status 2 as the shell sees it, nothing written, and the previous checkpoint still loads."""
+    run = tmp_path / "run"
+    train.main(FLAGS[1:] + ["--tok-steps", "2", "--eval-every", "2", "--out", str(run)])   # the previous run
+    digest = lambda: {p.name: hashlib.md5(p.read_bytes()).hexdigest() for p in sorted(run.rglob("*"))}
+    before = digest()
+    with read_only(run):
+        for out in (run, run / "new"):           # resume it (12 steps of 2 done) / start a run inside it
+            r = subprocess.run([sys.executable] + FLAGS + ["--out", str(out)], cwd=REPO, env=ENV, capture_output=True,
+                               text=True, timeout=120)
+            assert r.returncode == 2 and r.stderr.count("\n") == 1 and "Traceback" not in r.stderr, r.stderr
+            assert f"--out {str(out)!r}" in r.stderr and "not writable" in r.stderr, r.stderr
+    assert digest() == before
+    checkpoint.load_tokenizer(run)
