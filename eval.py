@@ -12,6 +12,8 @@ their own accuracy is measured on clips of the HELD-OUT digits and reported next
 Metrics (clips are uint8 [N,T,H,W] or [N,T,H,W,C]; the nets see them as 64x64 grayscale):
   semantic     share of frames whose detected digit set equals the prompt's (VBench's per-frame object / class
                score, Huang et al. 2024, with DigitNet as the detector). Needs prompts.
+  *_se         the standard error of semantic and consistency over clips (std of the clip means / sqrt(N)): two
+               generators whose scores differ by less than ~2 se are not told apart by N clips.
   consistency  share of frames whose detected digit set equals their clip's own majority set (the digits detected
                in more than half of its frames); frames of a clip whose majority set is empty count as inconsistent
                (VBench subject consistency, Huang et al. 2024: the subject must stay the same, and blank or noise
@@ -493,15 +495,23 @@ def digit_scores(present, prompts=None):
     (N lists of digits) are given; see the module docstring for both definitions."""
     majority = present.float().mean(1) > 0.5                                 # [N,10] each clip's digit set
     agree = (present == majority[:, None]).all(2) & majority[:, None].any(2)  # [N,T]
-    out = {"consistency": agree.float().mean().item()}
+    out = {"consistency": agree.float().mean().item(), "consistency_se": standard_error(agree)}
     if prompts is not None:
         if len(prompts) != len(present):
             raise ValueError(f"{len(prompts)} prompts for {len(present)} clips")
         wanted = torch.zeros(len(present), 10, dtype=torch.bool)
         for i, p in enumerate(prompts):
             wanted[i, list(p)] = True
-        out["semantic"] = (present == wanted[:, None]).all(2).float().mean().item()
+        hit = (present == wanted[:, None]).all(2)                           # [N,T]
+        out["semantic"], out["semantic_se"] = hit.float().mean().item(), standard_error(hit)
     return out
+
+
+def standard_error(per_frame):
+    """Standard error of a frame score's mean, bool [N,T], over clips: the frames of a clip are not independent
+    (one misdrawn digit spoils all of them), so the clip is the sample: std of the N clip means / sqrt(N)."""
+    clip_means = per_frame.float().mean(1)
+    return (clip_means.std() / len(clip_means) ** 0.5).item() if len(clip_means) > 1 else float("nan")
 
 
 @torch.no_grad()

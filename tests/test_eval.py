@@ -152,3 +152,19 @@ def test_cli_refuses_unknown_flags():
     r = subprocess.run([sys.executable, "eval.py", "--videos", "x.npy", "--bogus", "1"], cwd=REPO, capture_output=True)
     assert r.returncode == 2 and b"unrecognized arguments" in r.stderr
     assert b"--num-real" in subprocess.run([sys.executable, "eval.py", "--help"], cwd=REPO, capture_output=True).stdout
+
+
+def test_standard_errors_count_clips_not_frames():
+    """semantic_se / consistency_se: std of the clip means / sqrt(N). Half the clips all right and half all wrong
+    is a coin per clip (se 0.5/sqrt(N) with the unbiased std), however many frames; identical clips give 0."""
+    n, t = 16, 13
+    present = torch.zeros(n, t, 10, dtype=torch.bool)
+    present[:, :, 3] = True
+    prompts = [[3]] * (n // 2) + [[5]] * (n // 2)           # the second half asks for a digit it does not get
+    s = E.digit_scores(present, prompts)
+    assert s["semantic"] == 0.5 and s["consistency"] == 1.0 and s["consistency_se"] == 0.0
+    assert s["semantic_se"] == pytest.approx(np.std([1.0] * 8 + [0.0] * 8, ddof=1) / n ** 0.5)
+    flicker = present.clone()
+    flicker[:, 1::2, 3] = False                              # every other frame empty, in every clip alike
+    s = E.digit_scores(flicker, [[3]] * n)
+    assert s["semantic"] == pytest.approx(7 / 13) and s["semantic_se"] == pytest.approx(0.0, abs=1e-7)
