@@ -370,6 +370,16 @@ def main(argv=None):
         name = {"ar": "ar.pt", "scales": "ar.pt", "suite": "tokenizer.pt", "codes": "tokenizer.pt",
                 "positions": "tokenizer.pt"}.get(args.what, "teacher.pt")
         cfg = Config(**checkpoint.load_checkpoint(base / name)["config"])
+        if args.what == "stream":   # the length against the student that streams it, in sample.stream_layout's units
+            c = Config(**checkpoint.load_checkpoint(base / "causal.pt")["config"])
+            side, kw = c.size // c.down // c.fm_patch, c.unit_kwargs()
+            latent, chunk = 1 + (args.long - 1) // c.ft, 1 + (c.frames - 1) // c.ft
+            kt = kw["cube"][0] if c.unit == "cube" else 1
+            count = lambda n: int(unit_layout(c.unit, n, side, **kw)[2].max()) + 1 if n else 0   # units of n frames
+            if (args.long - 1) % c.ft or latent < chunk or latent % kt \
+                    or latent // chunk * count(chunk) + count(latent % chunk) < 11:   # the report reads unit 10 on
+                p.error(f"--long {args.long}: allowed 1 + {c.ft}*k frames, at least the trained {c.frames}, whose "
+                        f"latent frames split into whole cubes of {kt} and make at least 11 units")
     digits = data.load_digits(cfg.data_dir or None, download=False)
     nets = E.load_nets(device=args.device, digits=digits)
     torch.manual_seed(args.seed)

@@ -18,6 +18,7 @@ import bench
 import config
 import data
 import eval as E
+import experiments
 import sample
 import train
 
@@ -33,7 +34,7 @@ SHARES = {"tok_ema", "ec_strength", "frame_mask", "cond_drop", "image_frac", "dm
 STRINGS = {   # bad values of the string fields (the tiny preset: 64x64, down 8, fm_patch 2 -> 3x4x4 flow tokens)
     "unit": ["", "abc", "0"], "cube": ["", "abc", "0,2,2", "-1,2,2", "1,2", "3,3,3", "1,2,2,2"],
     "scales": ["abc", "0,8", "1,2,4", "8,4,2,1", "1,2,4,8,16", ","], "fm_norm": ["", "abc"], "fm_time": ["", "abc"],
-    "dmd_fake": ["", "abc"], "betas": ["", "abc", "0.9", "0.9,1", "0.9,-0.1", "0.9,0.95,0.99", "nan,0.9"],
+    "dmd_fake": ["", "abc"], "causal_data": ["", "abc"], "betas": ["", "abc", "0.9", "0.9,1", "0.9,-0.1", "0.9,0.95,0.99", "nan,0.9"],
 }
 CROSS = {"frames": ["10"], "tok_frames": ["6"], "size": ["100"], "dim": ["31"], "heads": ["3"], "ft": ["3"],
          "head_dim": ["7"],
@@ -224,6 +225,27 @@ def test_bench_refuses_every_bad_flag_before_work(files, capsys, monkeypatch):
         "--seed": ["-1", "abc", ""], "--device": ["abc", "", "cuda:7"]}.items() for v in vs]
     bad = fuzz("bench.py", bench.main, ["--config", "tiny", "--device", "cpu"], pairs, capsys,
                [(bench, "Tokenizer")], monkeypatch)
+    assert not bad, bad
+
+
+def test_experiments_refuses_every_bad_flag_before_work(run, files, tmp_path, capsys, monkeypatch):
+    """Each table on the base run, with a bad value of one flag (the flags a table reads: --long for stream, --steps
+    and --pool for positions), or a --base that is not a run or lacks the checkpoint the table needs."""
+    partial = tmp_path / "tokenizer_only"     # a run with a tokenizer alone: no teacher for units, no ar, no causal
+    partial.mkdir()
+    (partial / "tokenizer.pt").symlink_to(run / "tokenizer.pt")
+    table = {"--long": "stream", "--steps": "positions", "--pool": "positions"}
+    flags = {"--num": ["0", "-1", "abc", "", "nan", "1000000"],
+             "--long": ["0", "-1", "1", "5", "10", "abc", "", "nan", "1000001"],   # tiny: ft 4, a trained clip of 9
+             "--steps": ["0", "-1", "abc", "", "1e9", "100000000"], "--pool": ["0", "-1", "abc", "", "100000000"],
+             "--seed": ["-1", "abc", "", "4294967296"], "--device": ["abc", "", "cuda:7"], "--precision": ["abc", ""],
+             "--base": ["", str(files / "nowhere"), str(files / "a_file"), str(files)], "--no-such-flag": ["1"]}
+    pairs = [(f"{f} {v!r}", [table.get(f, "units"), f, v]) for f, vs in flags.items() for v in vs]
+    pairs += [(f"what {v!r}", [v]) for v in ("abc", "")] + [("what (none)", [])]
+    pairs += [(f"{what} --base {partial.name}", [what, "--base", str(partial)]) for what in ("units", "ar", "stream")]
+    tripwires = [(E, "load_nets"), (E, "evaluate")]
+    bad = fuzz("experiments.py", experiments.main, ["--base", str(run), "--device", "cpu"], pairs, capsys, tripwires,
+               monkeypatch, [run, files])
     assert not bad, bad
 
 
