@@ -5,6 +5,7 @@ with eval.py. Finished rows are skipped when the command is run again (checkpoin
   python experiments.py units  --base runs/toy   # paper B Tables 2 and 3: prediction unit, cube size
   python experiments.py ar     --base runs/toy   # paper A: error correction x random frame mask; drift; continuation
   python experiments.py stream --base runs/toy   # paper B Sec. 3.4: a long streamed video, per-unit cost and drift
+                                                  # (--generator dmd --unit-steps 1: the few-step DMD generator)
   python experiments.py suite  --base runs/toy   # eval.py itself: real held-out clips vs constructed inputs
   python experiments.py scales --base runs/toy   # paper A: true codes of the first k scales, the rest sampled
   python experiments.py codes  --base runs/toy   # paper A: does a frame's code map follow from the previous one?
@@ -173,10 +174,13 @@ def ar(args, base, cfg, tok, digits, nets):
 
 # --------------------------------------------------------------------------------- paper B: streaming, drift
 def stream(args, base, cfg, tok, digits, nets):
-    """The trained student streams args.long frames for args.num clips with the rolling cache (units of one
-    trained clip minus one). Reports ms per unit and KV-cache size near unit 10 and at the end, and the scores
-    of windows of the trained length along the video (does quality drift?)."""
-    model, c, stats = checkpoint.load_flow(base, "causal", args.device, tok)
+    """A streaming generator (--generator: the causal student, 4 steps per unit and CFG 3; or the DMD generator,
+    its run's --dmd-unit-steps and no CFG; --unit-steps overrides) streams args.long frames for args.num clips with
+    the rolling cache (the training clip's time window). Reports ms per unit and KV-cache size near unit 10 and at
+    the end, and the scores of windows of the trained length along the video (does quality drift?)."""
+    model, c, stats = checkpoint.load_flow(base, args.generator, args.device, tok)
+    steps = args.unit_steps or (c.dmd_unit_steps if args.generator == "dmd" else 4)
+    cfg_scale = 1.0 if args.generator == "dmd" else 3.0
     chunk, (channels, side) = 1 + (c.frames - 1) // c.ft, stats.shape(c.z_channels, tok.latent_side)
     latent = 1 + (args.long - 1) // c.ft
     stamps = []
@@ -189,10 +193,11 @@ def stream(args, base, cfg, tok, digits, nets):
     gen = torch.Generator(args.device).manual_seed(args.seed)
     with amp(args):
         z = generate_student(model, prompts.to(args.device), latent, chunk, side, channels, gen, c.unit,
-                             c.unit_kwargs(), 4, 3.0, on_unit=on_unit, shift=c.fm_shift)
+                             c.unit_kwargs(), steps, cfg_scale, on_unit=on_unit, shift=c.fm_shift)
         video = decode(tok, stats.denormalize(z))
     per_unit = np.diff([s[0] for s in stamps]) * 1e3
-    out = {"cost": {"units": len(stamps), "ms/unit at units 6-15": float(per_unit[5:15].mean()),
+    out = {"cost": {"generator": f"{args.generator}, {steps} steps per unit, CFG {cfg_scale:g}",
+                    "units": len(stamps), "ms/unit at units 6-15": float(per_unit[5:15].mean()),
                     "ms/unit at the last 10": float(per_unit[-10:].mean()),
                     "KV MB at unit 10": stamps[10][1], f"KV MB at unit {len(stamps)}": stamps[-1][1]}}
     print(f"[stream] {out['cost']}", flush=True)
@@ -355,13 +360,18 @@ def main(argv=None):
     p.add_argument("--num", type=int, default=64, help="prompted clips scored per row")
     p.add_argument("--long", type=int, default=1997, help="stream: video frames, 1 + ft*k; its latent frames must "
                    "split into whole cubes (1997 frames = 500 latent frames = 1000 cubes of 2x4x4)")
+    p.add_argument("--generator", choices=["causal", "dmd"], default="causal", help="stream: the causal student or "
+                   "the DMD generator (train.py --stage dmd)")
+    p.add_argument("--unit-steps", type=int, default=0, help="stream: denoising steps per unit (0: 4 for the student, "
+                   "the run's --dmd-unit-steps for DMD)")
     p.add_argument("--steps", type=int, default=800, help="positions: training steps per row")
     p.add_argument("--pool", type=int, default=8192, help="positions: encoded training frames per row")
     p.add_argument("--seed", type=int, default=0, help="random seed")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="cpu or cuda[:i]")
     add_precision_flag(p)
     args = p.parse_args(argv)
-    check_flags(p, args, {"num": "[1, 1e5]", "long": "[1, 1e6]", "steps": "[1, 1e7]", "pool": "[1, 1e7]", "seed": SEED})
+    check_flags(p, args, {"num": "[1, 1e5]", "long": "[1, 1e6]", "steps": "[1, 1e7]", "pool": "[1, 1e7]", "seed": SEED,
+                          "unit_steps": "[0, 1000]"})
     check_device(p, args.device)
     check_path(p, "--base", args.base, "dir")
     base = Path(args.base)
@@ -371,7 +381,7 @@ def main(argv=None):
                 "positions": "tokenizer.pt"}.get(args.what, "teacher.pt")
         cfg = Config(**checkpoint.load_checkpoint(base / name)["config"])
         if args.what == "stream":   # the length against the student that streams it, in sample.stream_layout's units
-            c = Config(**checkpoint.load_checkpoint(base / "causal.pt")["config"])
+            c = Config(**checkpoint.load_checkpoint(base / f"{args.generator}.pt")["config"])
             side, kw = c.size // c.down // c.fm_patch, c.unit_kwargs()
             latent, chunk = 1 + (args.long - 1) // c.ft, 1 + (c.frames - 1) // c.ft
             kt = kw["cube"][0] if c.unit == "cube" else 1

@@ -95,6 +95,21 @@ def test_experiment_tables(run, small_nets, monkeypatch, capsys, what):
     assert printed.count("\n|") >= expected - (what == "stream"), printed
 
 
+def test_stream_table_of_the_dmd_generator(dmd_run, small_nets, monkeypatch, capsys):
+    monkeypatch.setattr(experiments.E, "load_nets", lambda **kw: small_nets)
+    loaded, streamed = [], []
+    load_flow, generate = experiments.checkpoint.load_flow, experiments.generate_student
+    monkeypatch.setattr(experiments.checkpoint, "load_flow", lambda base, stage, *a: (loaded.append(stage),
+                                                                                      load_flow(base, stage, *a))[1])
+    monkeypatch.setattr(experiments, "generate_student", lambda *a, **kw: (streamed.append(a[9:11]),
+                                                                            generate(*a, **kw))[1])
+    experiments.main(["stream", "--base", str(dmd_run), "--generator", "dmd", "--unit-steps", "1", "--num", "2",
+                      "--long", "25", "--device", "cpu"])
+    rows = json.loads((dmd_run / "stream.json").read_text())
+    assert loaded == ["dmd"] and streamed == [(1, 1.0)], (loaded, streamed)      # 1 step per unit, no CFG
+    assert rows["cost"]["generator"] == "dmd, 1 steps per unit, CFG 1" and len(rows) == 6, rows
+
+
 def test_bench_prints_a_row_per_method(capsys):
     import bench
     bench.main(["--config", "tiny", "--num", "1", "--device", "cpu", "--long", "13"])

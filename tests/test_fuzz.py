@@ -234,15 +234,18 @@ def test_experiments_refuses_every_bad_flag_before_work(run, files, tmp_path, ca
     partial = tmp_path / "tokenizer_only"     # a run with a tokenizer alone: no teacher for units, no ar, no causal
     partial.mkdir()
     (partial / "tokenizer.pt").symlink_to(run / "tokenizer.pt")
-    table = {"--long": "stream", "--steps": "positions", "--pool": "positions"}
+    table = {"--long": "stream", "--generator": "stream", "--unit-steps": "stream", "--steps": "positions",
+             "--pool": "positions"}
     flags = {"--num": ["0", "-1", "abc", "", "nan", "1000000"],
              "--long": ["0", "-1", "1", "5", "10", "abc", "", "nan", "1000001"],   # tiny: ft 4, a trained clip of 9
              "--steps": ["0", "-1", "abc", "", "1e9", "100000000"], "--pool": ["0", "-1", "abc", "", "100000000"],
+             "--generator": ["abc", "", "teacher"], "--unit-steps": ["-1", "abc", "", "nan", "1001"],
              "--seed": ["-1", "abc", "", "4294967296"], "--device": ["abc", "", "cuda:7"], "--precision": ["abc", ""],
              "--base": ["", str(files / "nowhere"), str(files / "a_file"), str(files)], "--no-such-flag": ["1"]}
     pairs = [(f"{f} {v!r}", [table.get(f, "units"), f, v]) for f, vs in flags.items() for v in vs]
     pairs += [(f"what {v!r}", [v]) for v in ("abc", "")] + [("what (none)", [])]
     pairs += [(f"{what} --base {partial.name}", [what, "--base", str(partial)]) for what in ("units", "ar", "stream")]
+    pairs += [("dmd.pt missing: stream --generator dmd", ["stream", "--generator", "dmd"])]
     tripwires = [(E, "load_nets"), (E, "evaluate")]
     bad = fuzz("experiments.py", experiments.main, ["--base", str(run), "--device", "cpu"], pairs, capsys, tripwires,
                monkeypatch, [run, files])
