@@ -322,6 +322,11 @@ LIMITS = {"steps": "[0, 1e4]", "context_len": "[-1, 1e6]", "num": "[1, 1e4]", "f
           "context_frames": "[1, 1e5]", "seed": SEED}
 
 
+# flags that only some methods read (paper A samples each scale in one pass; paper B integrates a flow)
+METHOD_FLAGS = {"steps": ("teacher", "student", "dmd"), "context_len": ("student", "dmd"),
+                "temperature": ("ar",), "top_k": ("ar",), "top_p": ("ar",), "cfg_schedule": ("ar",), "window": ("ar",)}
+
+
 def check_args(p, args):
     """Every flag and path before any work (issue 20); what needs the run's config (--frames, --prompt, the clips'
     size and length) is checked once it is read, still before anything is generated or written."""
@@ -339,6 +344,10 @@ def check_args(p, args):
         check_path(p, "--" + flag, getattr(args, flag), "file")
     if args.reconstruct is None and args.method is None:
         p.error("say what to do: --method ar|teacher|student|dmd, or --reconstruct IN.npy")
+    for flag, methods in METHOD_FLAGS.items():   # a flag the chosen method would ignore is refused, not dropped
+        value = getattr(args, flag)
+        if args.method and args.method not in methods and value != p.get_default(flag):
+            p.error(f"--{flag.replace('_', '-')} {value}: allowed with --method {' or '.join(methods)} only")
 
 
 def main(argv=None):

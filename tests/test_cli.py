@@ -61,11 +61,21 @@ def test_sample_writes_clips_and_their_prompts(run, tmp_path, method, request):
         request.getfixturevalue("dmd_run")
     npy = tmp_path / f"{method}.npy"
     sample.main(["--ckpt", str(run), "--method", method, "--num", "3", "--prompt", "3 7", "--npy", str(npy),
-                 "--gif", str(tmp_path / f"{method}.gif"), "--steps", "2", "--device", "cpu"])
+                 "--gif", str(tmp_path / f"{method}.gif"), "--device", "cpu"] + (["--steps", "2"] if method != "ar" else []))
     video = np.load(npy)
     assert video.shape == (3, 9, 64, 64) and video.dtype == np.uint8
     assert E.read_prompts(npy.with_suffix(".txt")) == [[3, 7]] * 3
     assert (tmp_path / f"{method}.gif").stat().st_size > 0
+
+
+@pytest.mark.parametrize("method, flag", [("ar", ["--steps", "4"]), ("teacher", ["--temperature", "0.5"]),
+                                          ("dmd", ["--top-k", "3"]), ("ar", ["--context-len", "2"]),
+                                          ("student", ["--window", "2"])])
+def test_sample_refuses_a_flag_its_method_would_ignore(run, tmp_path, capsys, method, flag):
+    with pytest.raises(SystemExit) as e:
+        sample.main(["--ckpt", str(run), "--method", method, "--npy", str(tmp_path / "x.npy"), "--device", "cpu"] + flag)
+    err = capsys.readouterr().err.strip()
+    assert e.value.code == 2 and flag[0] in err and "\n" not in err and not (tmp_path / "x.npy").exists(), err
 
 
 def test_sample_follows_the_generators_digit_count(run, tmp_path):
