@@ -158,7 +158,7 @@ PRESETS = {
     # the CPU quickstart: 64x64, 13 frames, a 4 x 8x8 latent; one digit moving at 1.5 px/frame (standard Moving
     # MNIST: two digits at 3.6), what a small teacher learns to draw in CPU minutes; the steps fit every stage in
     # 20 minutes on 2 cores, most of them the teacher's (docs/RESULTS.md, 2026-12-03)
-    "toy": dict(num_digits=1, speed=1.5, tok_steps=1600, ar_batch=8, fm_steps=5000, causal_steps=800,
+    "toy": dict(num_digits=1, speed=1.5, tok_steps=1600, ar_steps=300, ar_batch=8, fm_steps=6000, causal_steps=800,
                 image_frac=0.33, eval_every=1000),
     "toy-d4": dict(down=4, z_channels=8, scales="1,2,3,4,6,8,12,16", tok_steps=4000, eval_every=1000),
     # the toy run with a 4x-compression tokenizer: 28 / 24 dB in 5 min (README), but 530 tokens per latent frame
