@@ -19,11 +19,16 @@ from tokenizer import LatentStats, Tokenizer
 
 
 def save_checkpoint(path, **state):
-    """Write atomically: a crash mid-save leaves the previous checkpoint intact."""
+    """Write atomically: a crash or a full disk mid-save leaves the previous checkpoint intact (and a failed write
+    leaves no partial file behind)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + ".part")
-    torch.save(state, tmp)
+    try:
+        torch.save(state, tmp)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
     os.replace(tmp, path)
 
 

@@ -10,11 +10,13 @@ Re-running a command resumes from its checkpoint exactly (same batches, same RNG
   torchrun --nproc_per_node 8 train.py --config gpu   # data parallel on 8 GPUs (or CPU processes: --device cpu)
 """
 import copy
+import errno
 import json
 import math
 import os
 import sys
 import time
+from contextlib import contextmanager
 from dataclasses import asdict, replace
 from pathlib import Path
 
@@ -826,11 +828,24 @@ def main(argv=None):
     if "dmd" in stages and cfg.unit == "scale":
         p.error("--unit scale: --stage dmd needs frame, keydetail or cube units (the teacher scores the finest "
                 "latent, which scale units only reach at their last unit)")
-    with one_line_errors(p):           # a checkpoint that does not fit the flags: one line, not a traceback
+    with one_line_errors(p), disk_errors(p, out):   # one line, not a traceback
         check_run(cfg, out, stages)
         init_distributed(args)
         out.mkdir(parents=True, exist_ok=True)
         train_stages(cfg, args, out, stages)
+
+
+@contextmanager
+def disk_errors(p, out):
+    """A disk that fills up or turns read-only mid-run ends it with one line (exit 2); the checkpoints written so far
+    stay loadable (checkpoint.save_checkpoint is atomic), so the same command resumes once there is room."""
+    try:
+        yield
+    except OSError as e:
+        if e.errno not in (errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM):
+            raise
+        p.error(f"--out {out}: {e.strerror} while writing {e.filename or 'a file'}; the last checkpoint is intact: "
+                f"make room and run the same command to resume")
 
 
 def check_run(cfg, out, stages):

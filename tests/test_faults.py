@@ -101,3 +101,47 @@ def test_a_read_only_out_is_refused_before_any_work(tmp_path):
             assert f"--out {str(out)!r}" in r.stderr and "not writable" in r.stderr, r.stderr
     assert digest() == before
     checkpoint.load_tokenizer(run)
+
+
+# a train.py whose second torch.save writes half a file and then fails: killed (SIGKILL) or told the disk is full
+FAULTY = """
+import errno, os, signal, sys, torch
+save, calls = torch.save, []
+def faulty(obj, f):
+    calls.append(f)
+    if len(calls) == 2:
+        with open(f, "wb") as h:
+            h.write(b"half a checkpoint")
+        if mode == "kill":
+            os.kill(os.getpid(), signal.SIGKILL)
+        raise OSError(errno.ENOSPC, "No space left on device", str(f))
+    return save(obj, f)
+torch.save = faulty
+mode, sys.argv = sys.argv[1], sys.argv[2:]      # sys.argv: train.py and its flags
+import train
+train.main(sys.argv[1:])
+"""
+
+
+@pytest.mark.parametrize("fault", ["kill", "full"])
+def test_a_run_broken_while_writing_a_checkpoint_keeps_the_last_one(tmp_path, fault):
+    """SIGKILL in the middle of writing the second checkpoint, or a disk that fills up there: the first checkpoint
+    stays loadable, a full disk is one line naming --out (exit 2, no traceback, no partial file left), and the same
+    command then resumes to the losses of an unbroken run."""
+    whole, parts = tmp_path / "whole", tmp_path / "parts"
+    subprocess.run([sys.executable] + FLAGS + ["--out", str(whole)], cwd=REPO, env=ENV, check=True,
+                   capture_output=True, timeout=300)
+    broken = subprocess.run([sys.executable, "-c", FAULTY, fault] + FLAGS + ["--out", str(parts)], cwd=REPO, env=ENV,
+                            capture_output=True, text=True, timeout=300)
+    if fault == "kill":
+        assert broken.returncode == -signal.SIGKILL
+    else:
+        err = broken.stderr.strip().splitlines()[-1]
+        assert broken.returncode == 2 and "Traceback" not in broken.stderr, broken.stderr[-2000:]
+        assert err.startswith("train.py: error: --out") and "No space left on device" in err, err
+        assert not list(parts.glob("*.part")), list(parts.iterdir())
+    assert checkpoint.load_checkpoint(parts / "tokenizer.pt")["step"] == 3      # the first checkpoint, intact
+    subprocess.run([sys.executable] + FLAGS + ["--out", str(parts)], cwd=REPO, env=ENV, check=True,
+                   capture_output=True, timeout=300)
+    a, b = losses(whole), losses(parts)
+    assert sorted(b) == list(range(1, 13)) and max(abs(a[s] - b[s]) for s in a) == 0, (a, b)
