@@ -375,6 +375,9 @@ def main(argv=None):
     check_device(p, args.device)
     check_path(p, "--base", args.base, "dir")
     base = Path(args.base)
+    check_path(p, "--base", base, "outdir")                # <base>/<table>.json is written at the end ...
+    if args.what in ("units", "ar"):                       # ... and these train variants beside the base run
+        check_path(p, "--base", base.resolve().parent / f"{base.name}-variant", "outdir")
     with one_line_errors(p):   # a run without the checkpoints this table needs: one line, not a traceback
         tok, _ = checkpoint.load_tokenizer(base, args.device)
         name = {"ar": "ar.pt", "scales": "ar.pt", "suite": "tokenizer.pt", "codes": "tokenizer.pt",

@@ -103,6 +103,21 @@ def test_a_read_only_out_is_refused_before_any_work(tmp_path):
     checkpoint.load_tokenizer(run)
 
 
+def test_experiments_refuses_a_base_it_could_not_write_its_table_into(tmp_path, capsys, monkeypatch):
+    """experiments.py writes <base>/<table>.json at the end and trains ar/units variants beside the base: a base (or,
+    for those tables, its parent) that is not writable is one line naming --base before any work."""
+    import experiments
+    run = tmp_path / "run"
+    train.main(FLAGS[1:] + ["--tok-steps", "2", "--eval-every", "2", "--out", str(run)])
+    monkeypatch.setattr(experiments.E, "load_nets", lambda **kw: pytest.fail("work started"))
+    capsys.readouterr()
+    for folder, what in ((run, "stream"), (tmp_path, "units")):
+        with read_only(folder), pytest.raises(SystemExit) as e:
+            experiments.main([what, "--base", str(run), "--device", "cpu"])
+        err = capsys.readouterr().err.strip()
+        assert e.value.code == 2 and "--base" in err and "not writable" in err and "\n" not in err, err
+
+
 # a train.py whose second torch.save writes half a file and then fails: killed (SIGKILL) or told the disk is full
 FAULTY = """
 import errno, os, signal, sys, torch
