@@ -34,7 +34,8 @@ import train
 from config import (SEED, Config, Parser, add_precision_flag, autocast, check_device, check_flags, check_path,
                     one_line_errors)
 from model import Layout, Transformer, flow_pair, flow_times, partition, unit_layout
-from sample import generate_ar, generate_student, generate_teacher, reconstruct, sample_stage, stream_layout
+from sample import (default_cfg, generate_ar, generate_student, generate_teacher, reconstruct, sample_stage, stream_layout,
+                    unit_steps)
 
 METRICS = ("semantic", "consistency", "fvd_mm", "fid_mm", "motion")
 
@@ -179,8 +180,7 @@ def stream(args, base, cfg, tok, digits, nets):
     the rolling cache (the training clip's time window). Reports ms per unit and KV-cache size near unit 10 and at
     the end, and the scores of windows of the trained length along the video (does quality drift?)."""
     model, c, stats = checkpoint.load_flow(base, args.generator, args.device, tok)
-    steps = args.unit_steps or (c.dmd_unit_steps if args.generator == "dmd" else 4)
-    cfg_scale = 1.0 if args.generator == "dmd" else 3.0
+    steps, cfg_scale = args.unit_steps or unit_steps(args.generator, c), default_cfg(args.generator)
     chunk, (channels, side) = 1 + (c.frames - 1) // c.ft, stats.shape(c.z_channels, tok.latent_side)
     latent = 1 + (args.long - 1) // c.ft
     stamps = []

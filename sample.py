@@ -138,6 +138,16 @@ def stream_layout(kind, n_latent, chunk, side, **kw):
     return units
 
 
+def unit_steps(stage, cfg):
+    """Default Euler steps per unit: 4 for the causal student, the count a DMD generator was trained with."""
+    return cfg.dmd_unit_steps if stage == "dmd" else 4
+
+
+def default_cfg(method):
+    """Default CFG weight: 3, and 1 (off) for the DMD generator, which learnt the guided real score."""
+    return 1.0 if method == "dmd" else 3.0
+
+
 def generate_student(model, prompts, n_latent, chunk, side, channels, generator, kind="cube", unit_kw=None, steps=4,
                      cfg_scale=3.0, context=None, context_len=-1, progress=True, on_unit=None, shift=1.0, exits=None):
     """Paper B streaming generation (Sec. 3.4): unit by unit, `steps` Euler steps each, attending to the KV cache
@@ -241,7 +251,7 @@ def sample_stage(stage, model, cfg, tok, stats, prompts, generator, frames, args
                                                     shift=cfg.fm_shift))
         else:   # the causal student (4 guided steps per unit), or the DMD generator (its steps, guidance distilled)
             chunk = 1 + (cfg.frames - 1) // cfg.ft
-            steps, cfg_scale = (cfg.dmd_unit_steps, 1.0) if stage == "dmd" else (4, 3.0)
+            steps, cfg_scale = unit_steps(stage, cfg), default_cfg(stage)
             z = stats.denormalize(generate_student(model, prompts, n_latent, chunk, side, channels, generator, cfg.unit,
                                                    cfg.unit_kwargs(), steps, cfg_scale, progress=False,
                                                    shift=cfg.fm_shift))
@@ -371,7 +381,7 @@ def run(p, args):
         write_outputs(args, out)
         return 0
     if args.cfg is None:
-        args.cfg = 1.0 if args.method == "dmd" else 3.0
+        args.cfg = default_cfg(args.method)
     with autocast(args.device, args.precision):
         video, prompts = run_ar(p, args) if args.method == "ar" else run_flow(p, args)
     write_outputs(args, video, prompts)
@@ -455,7 +465,7 @@ def run_flow(p, args):
         chunk = 1 + (cfg.frames - 1) // cfg.ft
         try:
             z = generate_student(model, prompts, n_latent, chunk, side, channels, gen, cfg.unit, cfg.unit_kwargs(),
-                                 args.steps or (cfg.dmd_unit_steps if stage == "dmd" else 4), args.cfg,
+                                 args.steps or unit_steps(stage, cfg), args.cfg,
                                  None if z_ctx is None else stats.normalize(z_ctx),
                                  args.context_len, shift=cfg.fm_shift)
         except ValueError as e:
