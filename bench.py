@@ -141,7 +141,8 @@ def main(argv=None):
           f"GFLOP/s; config: {cfg.frames} frames of {cfg.size}x{cfg.size}, "
           f"latent {n_latent}x{side}x{side}x{channels}, scales {tok.scales}, model dim {cfg.dim} depth {cfg.depth}")
     print("fwd/frame: transformer forward passes per video frame (ar: K scales per latent frame; teacher: one per "
-          "step for the whole clip; student and dmd: (steps + 1 clean re-forward) per unit)")
+          "step for the whole clip; student and dmd: steps per unit, each unit's clean re-forward folded into the next "
+          "unit's first step)")
     print(f"{'what':40s} {'s/call':>8s} {'frames/s':>9s} {'GFLOP/s':>8s} {'of peak':>8s} {'fwd/frame':>9s} {'peak MB':>8s}")
 
     def row(name, fn, frames, fwd_per_frame=""):
@@ -166,13 +167,13 @@ def main(argv=None):
         row(f"sample student {cfg.unit} 4 steps (CFG 3)",
             lambda: tok.decode(fstats.denormalize(generate_student(flow, prompts, n_latent, n_latent, fside, fc, gen,
                                                                    cfg.unit, cfg.unit_kwargs(), 4, progress=False))),
-            n * cfg.frames, f"{units * 5 / cfg.frames:.2f}")
+            n * cfg.frames, f"{units * 4 / cfg.frames:.2f}")
         for steps in (1, 4):   # the DMD generator: the student's architecture and sampler, few steps, no CFG
             row(f"sample dmd {cfg.unit} {steps} steps (no CFG)",
                 lambda: tok.decode(fstats.denormalize(generate_student(flow, prompts, n_latent, n_latent, fside, fc,
                                                                        gen, cfg.unit, cfg.unit_kwargs(), steps,
                                                                        cfg_scale=1.0, progress=False))),
-                n * cfg.frames, f"{units * (steps + 1) / cfg.frames:.2f}")
+                n * cfg.frames, f"{units * steps / cfg.frames:.2f}")
     b = cfg.ar_batch
     for name, (fn, frames) in train_steps(cfg, tok.train(), ar, flow, device, b, amp, fstats).items():
         row(f"{name} (batch {b}, fwd+bwd)", fn, frames)

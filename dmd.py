@@ -138,7 +138,7 @@ def rollout(model, prompts, n_latent, side, channels, generator, kind, unit_kw, 
     n_units = len(stream_layout(kind, n_latent, n_latent, side, **unit_kw))
     exits = torch.randint(0, steps, (n_units,), generator=generator, device=generator.device).tolist()
     return generate_student(model, prompts, n_latent, n_latent, side, channels, generator, kind, unit_kw, steps,
-                            cfg_scale=1.0, progress=False, shift=shift, exits=exits)
+                            cfg_scale=1.0, progress=False, shift=shift, exits=exits, fold=False)
 
 
 def real_x0(teacher, layout, prompts, cfg_scale):

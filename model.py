@@ -230,8 +230,10 @@ class KVCache:
     tokens' device after the first append: no copy to the CPU per forward).
 
     `append=False` forwards attend to the cache without adding to it (paper B's denoising steps); a clean
-    re-forward with `append=True` then writes the finished unit. `evict(max_units)` drops the oldest units
-    (rolling cache, paper B Sec. 3.4); positions are re-based at every use (see `time_base`).
+    re-forward with `append=True` then writes the finished unit (`append=n`: only the call's first n tokens, a
+    finished unit riding along with the next unit's first step, sample.generate_student's `fold`). The rolling
+    cache (paper B Sec. 3.4) drops old tokens: `newest_units` / `from_frame` say which tokens a window keeps,
+    `keep` applies it, `evict(max_units)` is both; positions are re-based at every use (see `time_base`).
     """
 
     def __init__(self, depth):
@@ -250,22 +252,28 @@ class KVCache:
     def num_units(self):
         return len(torch.unique(self.unit))
 
+    def newest_units(self, max_units):
+        """bool [len(self)]: the tokens of the newest `max_units` units."""
+        units = torch.unique(self.unit)
+        if max_units <= 0:
+            return torch.zeros_like(self.unit, dtype=torch.bool)
+        return self.unit >= units[-max_units] if len(units) > max_units else torch.ones_like(self.unit, dtype=torch.bool)
+
+    def from_frame(self, first):
+        """bool [len(self)]: the tokens of latent frames >= `first` (a rolling window in time)."""
+        return self.pos[:, 0] >= first
+
     def evict(self, max_units):
         """Keep only the newest `max_units` units."""
-        units = torch.unique(self.unit)
-        if len(units) > max_units:
-            self._keep(self.unit >= units[-max_units])
+        self.keep(self.newest_units(max_units))
 
-    def evict_frames(self, first):
-        """Keep only the tokens of latent frames >= `first` (a rolling window in time)."""
-        self._keep(self.pos[:, 0] >= first)
-
-    def _keep(self, keep):   # keep [len(self)] bool
+    def keep(self, keep):   # keep [len(self)] bool: drop every other token
         idx = keep.nonzero().squeeze(1)
         self.pos, self.unit = self.pos[keep], self.unit[keep]
         for i in range(len(self.keys)):
-            self.keys[i] = self.keys[i].index_select(2, idx.to(self.keys[i].device))
-            self.values[i] = self.values[i].index_select(2, idx.to(self.values[i].device))
+            if self.keys[i] is not None:
+                self.keys[i] = self.keys[i].index_select(2, idx.to(self.keys[i].device))
+                self.values[i] = self.values[i].index_select(2, idx.to(self.values[i].device))
 
 
 # ----------------------------------------------------------------------------------------------- the blocks
@@ -293,8 +301,9 @@ class Attention(nn.Module):
         if cache is not None and cache.keys[layer] is not None:
             keys = torch.cat([cache.keys[layer], key], 2)
             values = torch.cat([cache.values[layer], value], 2)
-        if cache is not None and append:
-            cache.keys[layer], cache.values[layer] = keys, values
+        if cache is not None and append:   # cached + the first `append` new tokens (True: all of them)
+            end = keys.shape[2] if append is True else keys.shape[2] - key.shape[2] + append
+            cache.keys[layer], cache.values[layer] = keys[:, :, :end], values[:, :, :end]
         query, keys = rope(query, pos, self.base), rope(keys, pos if pos_keys is None else pos_keys, self.base)
         o = F.scaled_dot_product_attention(query, keys, values, attn_mask=mask)      # [B,H,L,D]
         return self.proj(rearrange(o, "b h l d -> b l (h d)"))
@@ -402,7 +411,7 @@ class Transformer(nn.Module):
         layout Layout: where the L tokens sit and what they may attend to (positions, units, mask, ...)
         prompt [B,n]   digits;  drop [B] bool: use the null condition (CFG / condition dropout)
         flow_t [B,L]   flow time per token (paper B) or None (paper A)
-        cache  KVCache: attend to cached tokens; append=True also writes these tokens into it
+        cache  KVCache: attend to cached tokens; append=True also writes these tokens into it (n: the first n)
         """
         pos, unit, noisy = layout.pos, layout.unit, layout.noisy
         h = self.inp(x)
@@ -433,7 +442,8 @@ class Transformer(nn.Module):
             else:
                 h = blk(h, cond, pos_q, mask, cache=cache, layer=i, append=append, pos_keys=pos_keys)
         if cache is not None and append:
-            cache.pos = torch.cat([cache_pos, pos.float()])
-            cache.unit = torch.cat([cache_unit, unit])
+            n = len(pos) if append is True else append
+            cache.pos = torch.cat([cache_pos, pos[:n].float()])
+            cache.unit = torch.cat([cache_unit, unit[:n]])
         shift, scale = self.ada_out(F.silu(cond)).chunk(2, -1)
         return self.head(modulate(self.norm(h), shift, scale))

@@ -88,9 +88,10 @@ def generate_ar(model, tok, prompts, n_latent, generator, cfg_scale=3.0, cfg_sch
 
 def guided_velocity(model, x, layout, prompt_in, drop, flow_t, b, cfg_scale, **kw):
     """One model call on the CFG-doubled batch -> guided velocity [b,L,c]: v_uncond + w (v_cond - v_uncond).
-    flow_t: the flow time of every token, a number, or one per clip [b] (DMD's noise levels)."""
+    flow_t: the flow time of every token, a number, one per clip [b] (DMD's noise levels) or one per token [b,L]."""
     doubled = len(prompt_in) > b
-    t_BL = torch.as_tensor(flow_t, dtype=torch.float32, device=x.device).expand(b)[:, None].expand(b, x.shape[1])
+    t = torch.as_tensor(flow_t, dtype=torch.float32, device=x.device)
+    t_BL = t if t.dim() == 2 else t.expand(b)[:, None].expand(b, x.shape[1])
     v = model(torch.cat([x, x]) if doubled else x, layout, prompt_in, drop=drop,
               flow_t=torch.cat([t_BL, t_BL]) if doubled else t_BL, **kw)
     return v[b:] + cfg_scale * (v[:b] - v[b:]) if doubled else v
@@ -149,7 +150,8 @@ def default_cfg(method):
 
 
 def generate_student(model, prompts, n_latent, chunk, side, channels, generator, kind="cube", unit_kw=None, steps=4,
-                     cfg_scale=3.0, context=None, context_len=-1, progress=True, on_unit=None, shift=1.0, exits=None):
+                     cfg_scale=3.0, context=None, context_len=-1, progress=True, on_unit=None, shift=1.0, exits=None,
+                     fold=True):
     """Paper B streaming generation (Sec. 3.4): unit by unit, `steps` Euler steps each, attending to the KV cache
     of the clean earlier units without writing to it; then one clean re-forward (flow time 0) writes the finished
     unit. The rolling cache keeps time and memory per unit constant however long the video: context_len -1 keeps the
@@ -160,11 +162,21 @@ def generate_student(model, prompts, n_latent, chunk, side, channels, generator,
     at their values noised to each step's flow time (replacement inpainting) and end exactly at them, while the rest
     is generated. Returns z [B,c,n_latent,h,w]; on_unit(i, cache) is called after each unit.
 
+    fold (inference): a finished unit's clean re-forward rides in the next unit's first denoising call instead of a
+    call of its own -- its tokens first (flow time 0, the only ones written to the cache), the next unit's noisy
+    tokens after them. The mask gives each token exactly what it saw unfolded: the clean tokens the cache their unit
+    was drawn with, the noisy ones the window of their own unit (cached tokens that window drops are hidden from
+    them, then evicted). Same output, one call per unit fewer (at one step per unit: half the calls), and the last
+    unit is never written (nothing reads it). With fold, the cache that on_unit(i, ...) sees lacks unit i.
+
     The causal student, the DMD generator at inference and the DMD generator in training (dmd.rollout) all run
     here. exits (training): per generated unit, the Euler step j at which it stops and jumps straight to flow time 0,
     x0 = x_t_j - t_j v (the last step's Euler update is exactly this jump); that one forward carries the gradient
     (unless called under torch.no_grad), every other forward runs without. exits None (inference): all `steps`
-    steps, no gradient anywhere."""
+    steps, no gradient anywhere. Training does not fold (fold=False): a folded call that carries the gradient would
+    write keys with a graph into the cache."""
+    if fold and exits is not None:
+        raise ValueError("fold is for inference: with exits (training), pass fold=False")
     device = next(model.parameters()).device
     unit_kw = unit_kw or {}
     scales = unit_kw.get("scales", ())
@@ -178,6 +190,22 @@ def generate_student(model, prompts, n_latent, chunk, side, channels, generator,
     n_generated = 0                            # units generated so far (not teacher-forced): indexes exits
     grad = exits is not None and torch.is_grad_enabled()   # called under no_grad: the same clip, no graph
     units = stream_layout(kind, n_latent, chunk, side, **unit_kw)
+    pending = None                             # fold: (x, pos, unit) of the finished unit not yet in the cache
+
+    def write(x, pos, unit):   # the clean re-forward (flow time 0) that writes a finished unit into the cache
+        with torch.no_grad():  # the cache holds the unit detached: no gradient reaches earlier units
+            model(torch.cat([x, x]) if doubled else x, Layout(pos, unit, mask="forward"), prompt_in, drop=drop,
+                  flow_t=torch.zeros(len(prompt_in), len(pos), device=device), cache=cache, append=True)
+
+    def window(i, unwritten=None):   # bool [len(cache) (+ l)]: what unit i may see of the cached tokens (and of
+        if context_len > 0:          # the `unwritten` positions [l,3] of a unit still to be written: fold)
+            keep = cache.newest_units(context_len - (unwritten is not None))
+            return keep if unwritten is None else torch.cat([keep, keep.new_ones(len(unwritten))])
+        seen = cache.pos.to(device) if unwritten is None else torch.cat([cache.pos.to(device), unwritten])
+        if context_len < 0:          # its training-clip window
+            return seen[:, 0] >= units[i][0][:, 0].max().item() - chunk + 1
+        return torch.ones(len(seen), dtype=torch.bool, device=device)
+
     for i, (pos, order, c0, n, u) in enumerate(tqdm(units, desc="units", disable=not progress)):
         pos = pos.to(device)
         unit = torch.full((len(pos),), i, device=device)
@@ -186,6 +214,10 @@ def generate_student(model, prompts, n_latent, chunk, side, channels, generator,
             x0_given = (partition(context, order[given.cpu()]) if order is not None else
                         partition(context[:, :, c0:n_ctx], None, scales[u:u + 1]))
         if given.all():                        # a unit of the given frames: teacher-forced
+            if pending is not None:            # no denoising call to carry the pending unit
+                write(*pending)
+                cache.keep(window(i))
+                pending = None
             x = x0_given
         else:
             x = torch.randn(b, len(pos), channels, generator=generator, device=device)      # [B,l,c]
@@ -199,26 +231,50 @@ def generate_student(model, prompts, n_latent, chunk, side, channels, generator,
                 if given.any():   # a unit straddling the given frames: their tokens follow the given values,
                     x = x.clone()  # noised to the current flow time (replacement inpainting); the rest is generated
                     x[:, given] = (1 - flow_t) * x0_given + flow_t * eps_given
-                with torch.set_grad_enabled(grad and j == stop):
-                    v = guided_velocity(model, x, denoise, prompt_in, drop, flow_t, b, cfg_scale, cache=cache)
+                if pending is not None:        # fold: the finished unit's clean tokens lead this call
+                    with torch.no_grad():
+                        v = folded_velocity(model, pending, x, pos, unit, ~window(i, pending[1]), prompt_in, drop,
+                                            flow_t, b, cfg_scale, cache)
+                    cache.keep(window(i))      # now that the pending unit is written: unit i's window
+                    pending = None
+                else:
+                    with torch.set_grad_enabled(grad and j == stop):
+                        v = guided_velocity(model, x, denoise, prompt_in, drop, flow_t, b, cfg_scale, cache=cache)
                 x = x + (flow_t_next - flow_t) * v
             if given.any():
                 x = x.clone()
                 x[:, given] = x0_given
-        with torch.no_grad():   # the cache holds the finished unit detached: no gradient reaches earlier units
-            model(torch.cat([x, x]) if doubled else x, Layout(pos, unit, mask="forward"), prompt_in, drop=drop,
-                  flow_t=torch.zeros(len(prompt_in), len(pos), device=device), cache=cache, append=True)
+        if fold:
+            pending = (x, pos, unit) if i + 1 < len(units) else None    # the last unit is never written
+        else:
+            write(x, pos, unit)
+            if i + 1 < len(units):             # what the next unit sees
+                cache.keep(window(i + 1))
         if order is not None:
             z.view(b, channels, -1)[:, :, order.to(device)] = x.transpose(1, 2)    # [B,c,(t h w)] <- [B,c,l]
         elif u == len(scales) - 1:             # the finest scale unit of a chunk is the latent itself
             z[:, :, c0:c0 + n] = merge(x, None, n, side)
-        if context_len > 0:
-            cache.evict(context_len)
-        elif context_len < 0 and i + 1 < len(units):   # what the next unit sees: its training-clip window
-            cache.evict_frames(units[i + 1][0][:, 0].max().item() - chunk + 1)
         if on_unit:
             on_unit(i, cache)
     return z
+
+
+def folded_velocity(model, pending, x, pos, unit, hidden, prompt_in, drop, flow_t, b, cfg_scale, cache):
+    """generate_student's fold: one call on [the finished unit's clean tokens ; unit i's noisy tokens] that writes
+    the former into the cache and returns the guided velocity of the latter [b,l,c]. hidden [len(cache) + n_done]:
+    the cached and finished tokens that unit i's window drops (the clean tokens still see the cached ones, as in
+    their own re-forward)."""
+    x_done, pos_done, unit_done = pending
+    n_done, l = len(pos_done), len(pos)
+    hide = torch.zeros(n_done + l, len(cache) + n_done + l, dtype=torch.bool, device=x.device)   # [Lq, Lk]
+    hide[n_done:, :len(cache) + n_done] = hidden.to(x.device)
+    noisy = torch.cat([torch.zeros(n_done, dtype=torch.bool), torch.ones(l, dtype=torch.bool)]).to(x.device)
+    layout = Layout(torch.cat([pos_done, pos]), torch.cat([unit_done, unit]), mask="forward", noisy=noisy,
+                    hide=hide[None])
+    flow_t = torch.cat([torch.zeros(b, n_done), torch.full((b, l), float(flow_t))], 1).to(x.device)   # [b, L]
+    v = guided_velocity(model, torch.cat([x_done, x], 1), layout, prompt_in, drop, flow_t, b, cfg_scale,
+                        cache=cache, append=n_done)
+    return v[:, n_done:]
 
 
 # ------------------------------------------------- a run's stages: their samples (train.py's GIFs and curves)

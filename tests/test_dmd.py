@@ -152,10 +152,11 @@ def generator():
 
 
 def stream(generator, exits, noise=None, on_unit=None, steps=STEPS):
-    """The DMD rollout's call (dmd.rollout), on a video of two chunks of 2 latent frames -> z [2,3,4,4,4]."""
+    """The DMD rollout's call (dmd.rollout), on a video of two chunks of 2 latent frames -> z [2,3,4,4,4]; without
+    exits, the inference sampler's (folded)."""
     return sample.generate_student(generator, torch.tensor([[3, 7], [1, 2]]), 4, 2, 4, 3,
                                    noise or torch.Generator().manual_seed(0), "cube", UNIT_KW, steps, cfg_scale=1.0,
-                                   progress=False, on_unit=on_unit, shift=3.0, exits=exits)
+                                   progress=False, on_unit=on_unit, shift=3.0, exits=exits, fold=exits is None)
 
 
 def test_rollout_exits_are_the_inference_samplers_with_one_graph_per_unit(generator):

@@ -109,7 +109,7 @@ def test_student_stream_teacher_forced_equals_masked_forward(model, kind, kw, n_
                                        with_kwargs=True)
     try:
         out = sample.generate_student(model, prompt, T, T, SIDE, C, torch.Generator(), kind, kw, cfg_scale=1.0,
-                                      context=z, progress=False)
+                                      context=z, progress=False, fold=False)   # every unit's own re-forward
     finally:
         hook.remove()
     assert torch.allclose(torch.cat(seen, 1), ref, atol=1e-4)
@@ -148,7 +148,7 @@ def test_rolling_cache_keeps_time_offsets_inside_the_training_clip(model, kind, 
     layout = sample.stream_layout(kind, 12, T, SIDE, **kw)
     seen = []       # after unit i: (frames of unit i + 1, cached frames) -- what unit i + 1 attends to
     sample.generate_student(model, torch.tensor([[1, 2]]), 12, T, SIDE, C, torch.Generator().manual_seed(0), kind, kw,
-                            steps=1, cfg_scale=1.0, progress=False,
+                            steps=1, cfg_scale=1.0, progress=False, fold=False,   # the cache between units
                             on_unit=lambda i, cache: seen.append((layout[(i + 1) % len(layout)][0][:, 0],
                                                                   set(cache.pos[:, 0].tolist()))))
     for unit_frames, cached in seen[:-1]:
@@ -171,3 +171,31 @@ def test_samplers_walk_the_shifted_time_grid(model, monkeypatch, method):
     else:
         sample.generate_student(model, prompt, 1, 1, 4, C, gen, "frame", steps=5, progress=False, shift=3.0)
     assert seen == pytest.approx(shift_time(torch.linspace(1, 0, 6), 3.0)[:-1].tolist())
+
+
+@pytest.mark.parametrize("kind,kw,context_len,cfg_scale,n_ctx", [
+    ("cube", dict(cube=(1, 4, 4)), -1, 3.0, 0),      # the training-clip window, evicting at every new frame; CFG
+    ("cube", dict(cube=(2, 4, 4)), 3, 1.0, 0),       # the newest 3 units
+    ("frame", {}, 0, 3.0, 0),                        # everything kept
+    ("scale", dict(scales=SCALES), -1, 1.0, 0),
+    ("cube", dict(cube=(2, 4, 4)), -1, 1.0, 3)])     # given frames: whole units, and one straddling them
+def test_folded_stream_equals_unfolded(model, kind, kw, context_len, cfg_scale, n_ctx):
+    """fold=True (a finished unit's clean re-forward carried by the next unit's first step) draws the video of
+    fold=False over three chunks, with one model call per unit fewer where no frame is given."""
+    prompts = torch.tensor([[1, 2], [3, 4]])
+    context = torch.randn(2, C, n_ctx, SIDE, SIDE) if n_ctx else None
+    n_units = len(sample.stream_layout(kind, 3 * T, T, SIDE, **kw))
+    videos, calls = [], []
+    for fold in (True, False):
+        seen = []
+        hook = model.register_forward_hook(lambda *_: seen.append(1))
+        try:
+            videos.append(sample.generate_student(model, prompts, 3 * T, T, SIDE, C, torch.Generator().manual_seed(0),
+                                                  kind, kw, steps=2, cfg_scale=cfg_scale, context=context,
+                                                  context_len=context_len, progress=False, fold=fold))
+        finally:
+            hook.remove()
+        calls.append(len(seen))
+    torch.testing.assert_close(videos[0], videos[1], atol=1e-5, rtol=1e-4)
+    if not n_ctx:
+        assert calls == [2 * n_units, 3 * n_units]
