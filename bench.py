@@ -9,6 +9,7 @@ import resource
 import sys
 import time
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch.utils.flop_counter import FlopCounterMode
@@ -190,22 +191,29 @@ def long_video(args, cfg, flow, prompt, device, channels, side):
 
     def on_unit(i, cache):
         sync(device)
-        kv = sum(keys.numel() + values.numel() for keys, values in zip(cache.keys, cache.values)
-                 if keys is not None) * 4 / 2 ** 20
-        stamps.append((time.perf_counter(), kv, len(cache)))
+        stamps.append((time.perf_counter(), cache.nbytes() / 2 ** 20))
 
     t0 = time.perf_counter()
     with torch.no_grad():
         generate_student(flow, prompt, latent, chunk, side, channels, torch.Generator(device), cfg.unit,
                          cfg.unit_kwargs(), 4, 3.0, None, progress=True, on_unit=on_unit)
-    times = [b[0] - a[0] for a, b in zip(stamps, stamps[1:])]
-    n = len(times)
-    early, late = sum(times[5:15]) / 10, sum(times[-10:]) / 10
-    print(f"long video: {args.long} frames = {n + 1} {cfg.unit} units in {time.perf_counter() - t0:.1f} s; "
-          f"per unit: {early * 1e3:.1f} ms at units 6-15 vs {late * 1e3:.1f} ms at the last 10 "
-          f"({late / early - 1:+.1%}); KV cache {stamps[10][1]:.2f} MB ({stamps[10][2]} tokens) at unit 10 vs "
-          f"{stamps[-1][1]:.2f} MB ({stamps[-1][2]} tokens) at unit {n + 1}; peak RSS {peak_mem_mb(device):.0f} MB")
+    c = stream_clock(stamps)
+    print(f"long video: {args.long} frames = {c['units']} {cfg.unit} units in {time.perf_counter() - t0:.1f} s; "
+          f"per unit: {c['ms early']:.1f} ms at units {c['early units']} vs {c['ms last']:.1f} ms at units "
+          f"{c['last units']} ({c['change']:+.1%}); KV cache {c['KV MB early']:.2f} MB vs {c['KV MB last']:.2f} MB; "
+          f"peak RSS {peak_mem_mb(device):.0f} MB")
 
+
+def stream_clock(stamps):
+    """Is a stream's cost per unit flat? stamps: (seconds, KV-cache MB) after each unit -> ms per unit and cache size
+    over the second tenth of the units (past the warm-up and the filling of the cache window, so a steady state)
+    against the last tenth, and the relative change."""
+    ms = np.diff([s[0] for s in stamps]) * 1e3         # ms[k]: unit k + 2 (1-based)
+    w = max(1, len(ms) // 10)
+    early, last = float(ms[w:2 * w].mean()), float(ms[-w:].mean())
+    return {"units": len(stamps), "early units": f"{w + 2}-{2 * w + 1}", "last units": f"{len(ms) - w + 2}-{len(ms) + 1}",
+            "ms early": early, "ms last": last, "change": last / early - 1,
+            "KV MB early": stamps[w + 1][1], "KV MB last": stamps[-1][1]}
 
 if __name__ == "__main__":
     sys.exit(main())

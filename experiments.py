@@ -26,6 +26,7 @@ from types import SimpleNamespace
 import numpy as np
 import torch
 
+import bench
 import checkpoint
 import data
 import eval as E
@@ -177,8 +178,8 @@ def ar(args, base, cfg, tok, digits, nets):
 def stream(args, base, cfg, tok, digits, nets):
     """A streaming generator (--generator: the causal student, 4 steps per unit and CFG 3; or the DMD generator,
     its run's --dmd-unit-steps and no CFG; --unit-steps overrides) streams args.long frames for args.num clips with
-    the rolling cache (the training clip's time window). Reports ms per unit and KV-cache size near unit 10 and at
-    the end, and the scores of windows of the trained length along the video (does quality drift?)."""
+    the rolling cache (the training clip's time window). Reports ms per unit and KV-cache size in a steady state and
+    at the end (bench.stream_clock), and the scores of windows of the trained length along the video (does quality drift?)."""
     model, c, stats = checkpoint.load_flow(base, args.generator, args.device, tok)
     steps, cfg_scale = args.unit_steps or unit_steps(args.generator, c), default_cfg(args.generator)
     chunk, (channels, side) = 1 + (c.frames - 1) // c.ft, stats.shape(c.z_channels, tok.latent_side)
@@ -186,8 +187,7 @@ def stream(args, base, cfg, tok, digits, nets):
     stamps = []
 
     def on_unit(i, cache):
-        kv = sum(keys.numel() + values.numel() for keys, values in zip(cache.keys, cache.values)) * 4 / 2 ** 20
-        stamps.append((time.perf_counter(), kv, len(cache)))
+        stamps.append((time.perf_counter(), cache.nbytes() / 2 ** 20))
 
     prompts = prompts_for(args.num, c.num_digits, args.seed)
     gen = torch.Generator(args.device).manual_seed(args.seed)
@@ -195,11 +195,8 @@ def stream(args, base, cfg, tok, digits, nets):
         z = generate_student(model, prompts.to(args.device), latent, chunk, side, channels, gen, c.unit,
                              c.unit_kwargs(), steps, cfg_scale, on_unit=on_unit, shift=c.fm_shift)
         video = decode(tok, stats.denormalize(z))
-    per_unit = np.diff([s[0] for s in stamps]) * 1e3
     out = {"cost": {"generator": f"{args.generator}, {steps} steps per unit, CFG {cfg_scale:g}",
-                    "units": len(stamps), "ms/unit at units 6-15": float(per_unit[5:15].mean()),
-                    "ms/unit at the last 10": float(per_unit[-10:].mean()),
-                    "KV MB at unit 10": stamps[10][1], f"KV MB at unit {len(stamps)}": stamps[-1][1]}}
+                    **bench.stream_clock(stamps)}}
     print(f"[stream] {out['cost']}", flush=True)
     starts = np.linspace(0, video.shape[1] - cfg.frames, 5).astype(int)
     for s in starts:

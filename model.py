@@ -252,6 +252,9 @@ class KVCache:
     def num_units(self):
         return len(torch.unique(self.unit))
 
+    def nbytes(self):
+        return sum(t.numel() * t.element_size() for t in self.keys + self.values if t is not None)
+
     def newest_units(self, max_units):
         """bool [len(self)]: the tokens of the newest `max_units` units."""
         units = torch.unique(self.unit)

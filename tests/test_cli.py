@@ -128,3 +128,14 @@ def test_bench_prints_a_row_per_method(capsys):
                  "sample teacher 50", "sample student", "sample dmd", "train tokenizer", "train ar", "train teacher", "train causal",
                  "long video"):
         assert name in out, (name, out)
+
+
+def test_stream_clock_skips_the_warm_up():
+    """bench.stream_clock compares a steady window (the second tenth of the units) with the last tenth: a slow
+    start (warm-up, the cache window filling) does not count, a slower end does."""
+    import bench
+    ms = [50.0] * 10 + [10.0] * 80 + [11.0] * 10                # per unit, 101 stamps -> 100 intervals
+    stamps = [(t / 1e3, 1.0 + (k > 5)) for k, t in enumerate(np.cumsum([0.0] + ms))]
+    c = bench.stream_clock(stamps)
+    assert c["units"] == 101 and c["ms early"] == pytest.approx(10.0) and c["ms last"] == pytest.approx(11.0)
+    assert c["change"] == pytest.approx(0.1) and c["KV MB early"] == c["KV MB last"] == 2.0
