@@ -18,7 +18,7 @@ import data
 from checkpoint import build_ar
 from config import SEED, autocast, check_config, check_device, check_flags, config_from_args, parser
 from model import Layout, Transformer, ar_sequence, frame_scale_layout, partition, unit_layout
-from sample import generate_ar, generate_student, generate_teacher, stream_layout
+from sample import generate_ar, generate_student, generate_teacher, random_prompts, stream_layout
 from tokenizer import LatentStats, Tokenizer
 
 
@@ -133,7 +133,7 @@ def main(argv=None):
     side, channels, n = tok.latent_side, cfg.z_channels, args.num
     fstats = LatentStats(torch.zeros(channels), torch.ones(channels), cfg.fm_patch)   # unit stats: the token grid only
     fc, fside = fstats.shape(channels, side)
-    prompts = torch.randint(0, 10, (n, cfg.num_digits), device=device)
+    prompts = random_prompts(n, cfg.num_digits, device=device)
     gen = torch.Generator(device)
     amp = lambda: autocast(device, args.precision)           # noqa: E731 (a fresh context per use)
     with amp():                                               # the peak in the precision the rows run in

@@ -35,8 +35,8 @@ import train
 from config import (SEED, Config, Parser, add_precision_flag, autocast, check_device, check_flags, check_path,
                     one_line_errors)
 from model import Layout, Transformer, flow_pair, flow_times, partition, unit_layout
-from sample import (default_cfg, generate_ar, generate_student, generate_teacher, reconstruct, sample_stage, stream_layout,
-                    unit_steps)
+from sample import (default_cfg, generate_ar, generate_student, generate_teacher, random_prompts, reconstruct, sample_stage,
+                    stream_layout, unit_steps)
 
 METRICS = ("semantic", "consistency", "fvd_mm", "fid_mm", "motion")
 
@@ -58,7 +58,7 @@ def decode(tok, z):
 
 
 def prompts_for(n, num_digits, seed):
-    return torch.randint(0, 10, (n, num_digits), generator=torch.Generator().manual_seed(seed))
+    return random_prompts(n, num_digits, torch.Generator().manual_seed(seed))
 
 
 def score(video, prompts, nets, digits, speed):

@@ -21,6 +21,12 @@ from config import (SEED, Parser, add_precision_flag, autocast, check_device, ch
 from model import KVCache, Layout, frame_context, grid_positions, merge, partition, shift_time, unit_layout
 
 
+def random_prompts(n, num_digits, generator=None, device="cpu"):
+    """n prompts of `num_digits` random digits -> long [n, num_digits], on the generator's device when one is given."""
+    device = generator.device if generator is not None else device
+    return torch.randint(0, 10, (n, num_digits), generator=generator, device=device)
+
+
 def sample_logits(logits, generator, temperature=1.0, top_k=0, top_p=1.0):
     """logits [B,L,V] -> codes [B,L], with temperature, top-k and nucleus (top-p) truncation."""
     logits = logits.float() / max(temperature, 1e-5)
@@ -319,7 +325,7 @@ def sample_stage(stage, model, cfg, tok, stats, prompts, generator, frames, args
 def write_sample_gif(cfg, args, out, stage, tok, n=8):
     """After each generator stage: n prompted clips to look at, out/sample_<stage>.gif (prompts in the .txt)."""
     gen = torch.Generator(args.device).manual_seed(args.seed)
-    prompts = torch.randint(0, 10, (n, cfg.num_digits), generator=gen, device=args.device)
+    prompts = random_prompts(n, cfg.num_digits, gen)
     if stage == "ar":
         model, stats = load_ar(out, args.device, tok)[0], None
     else:
@@ -469,7 +475,7 @@ def parse_prompts(p, args, n, num_digits, generator):
         if len(digits) != num_digits:   # fewer would leave places the model always saw filled: refused too
             p.error(f"--prompt {args.prompt!r}: allowed {num_digits} digits, the count this model was trained on")
         return torch.tensor(digits).expand(n, -1)
-    return torch.randint(0, 10, (n, num_digits), generator=generator)
+    return random_prompts(n, num_digits, generator)
 
 
 def frames_and_context(p, args, cfg, tok):

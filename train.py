@@ -33,7 +33,7 @@ from checkpoint import (build_ar, build_tokenizer, check_tokenizer, load_checkpo
 from config import (SEED, CheckError, autocast, check_config, check_device, check_flags, check_path, config_from_args,
                     one_line_errors, parser, seed_everything)
 from model import Layout, Transformer, ar_sequence, flow_pair, flow_times, frame_scale_layout, partition, unit_layout
-from sample import generate_teacher, reconstruct, sample_stage, write_sample_gif
+from sample import generate_teacher, random_prompts, reconstruct, sample_stage, write_sample_gif
 from tokenizer import LatentStats
 
 STAGES = ["tokenizer", "ar", "teacher", "causal", "dmd"]
@@ -171,7 +171,7 @@ def teacher_clips(cfg, args, teacher, stats, clip_latent, shard):
     @torch.no_grad()
     def fresh(s, m):
         gen = torch.Generator(args.device).manual_seed(batch_seed(args.seed, "causal", s, shard))
-        prompts = torch.randint(0, 10, (m, cfg.num_digits), generator=gen, device=args.device)
+        prompts = random_prompts(m, cfg.num_digits, gen)
         with autocast(args.device, args.precision):
             z = generate_teacher(teacher, prompts, clip_latent, side, channels, gen, progress=False,
                                  shift=cfg.fm_shift)
@@ -308,7 +308,7 @@ class Curve:
         import eval as E
         t0, train_s = time.perf_counter(), self.train_s()   # read before scoring: this point's scoring is not training
         gen = torch.Generator(self.device).manual_seed(4321)   # the same prompts and noise at every point
-        prompts = torch.randint(0, 10, (self.n, self.cfg.num_digits), generator=gen, device=self.device)
+        prompts = random_prompts(self.n, self.cfg.num_digits, gen)
         r = E.quick_scores(sample(prompts, gen, frames), prompts.tolist(), self.digit_net, self.device)
         row = dict(step=step, train_s=train_s, frames=frames, **r)
         log(self.out, stage=self.stage, curve=row)
@@ -612,8 +612,9 @@ def train_flow(cfg, args, digits, out, tok, stage):
     step, state = resume(path, cfg, stage_keys(stage), model, opt, stage, steps, tok)
     if step >= steps:
         return EMA(model, cfg.gen_ema, state).model.eval()
+    from_teacher = stage == "causal" and cfg.causal_data == "teacher"   # paper B's stage 1: the teacher's clips
     teacher = None
-    if stage == "causal" and (state is None or cfg.causal_data == "teacher"):
+    if stage == "causal" and (state is None or from_teacher):
         teacher = load_checkpoint(out / "teacher.pt", cfg, TEACHER_INIT_KEYS)
         check_tokenizer(teacher, tok, out / "teacher.pt")
     if state is not None:
@@ -646,13 +647,13 @@ def train_flow(cfg, args, digits, out, tok, stage):
     curve = Curve(out, stage, args, state, cfg, digits)
     fwd = compiled(model, args)
     bar = tqdm(range(step, steps), desc=stage, initial=step, total=steps, dynamic_ncols=True, disable=not is_main())
-    if stage == "causal" and cfg.causal_data == "teacher":   # the teacher's clips, not the data's
+    if from_teacher:
         base = Transformer(cfg.model_config())
         base.load_state_dict(trained_weights(teacher))   # the teacher that sample.py --method teacher draws
         base = base.to(device).eval().requires_grad_(False)
 
     def clips(shard):   # Echo's source for one micro-batch: the teacher's samples or encoded Moving MNIST
-        if stage == "causal" and cfg.causal_data == "teacher":
+        if from_teacher:
             return teacher_clips(cfg, args, base, stats, clip_latent, shard)
         return encoded_clips(cfg, args, digits, tok, stage, n_image, shard, stats.normalize)
     echoes = {s: Echo(clips(s), cfg.echo) for s in shards(args)}
@@ -751,7 +752,7 @@ def train_dmd(cfg, args, digits, out, tok):
         return partition(z, order)
 
     def prompts(gen):
-        return torch.randint(0, 10, (micro(cfg.fm_batch, args), cfg.num_digits), generator=gen, device=device)
+        return random_prompts(micro(cfg.fm_batch, args), cfg.num_digits, gen)
 
     def fake_loss_of(gen):   # flow matching of the fake scorers on fresh generated clips
         p = prompts(gen)
