@@ -157,6 +157,8 @@ def main(argv=None):
         row("tokenizer encode + decode (continuous)", lambda: tok.decode(tok.encode(clips)), n * cfg.frames)
         row("tokenizer encode + quantize + decode", lambda: tok.decode(tok.quantize(tok.encode(clips))[2]),
             n * cfg.frames)
+        latent = tok.encode(clips)
+        row("tokenizer decode (in every sample row below)", lambda: tok.decode(latent), n * cfg.frames)
         row("sample ar (CFG 3)", lambda: tok.decode(generate_ar(ar, tok, prompts, n_latent, gen, progress=False)),
             n * cfg.frames, f"{len(tok.scales) * n_latent / cfg.frames:.2f}")
         for steps in (25, 50):

@@ -124,9 +124,9 @@ def test_bench_prints_a_row_per_method(capsys):
     import bench
     bench.main(["--config", "tiny", "--num", "1", "--device", "cpu", "--long", "13"])
     out = capsys.readouterr().out
-    for name in ("tokenizer encode + decode", "tokenizer encode + quantize", "sample ar", "sample teacher 25",
-                 "sample teacher 50", "sample student", "sample dmd", "train tokenizer", "train ar", "train teacher", "train causal",
-                 "long video"):
+    for name in ("tokenizer encode + decode", "tokenizer encode + quantize", "tokenizer decode", "sample ar",
+                 "sample teacher 25", "sample teacher 50", "sample student", "sample dmd", "train tokenizer", "train ar",
+                 "train teacher", "train causal", "long video"):
         assert name in out, (name, out)
 
 
