@@ -160,6 +160,11 @@ PRESETS = {
     # 20 minutes on 2 cores, most of them the teacher's (docs/RESULTS.md, 2026-12-03)
     "toy": dict(num_digits=1, speed=1.5, tok_steps=1600, ar_steps=300, ar_batch=8, fm_steps=6000, causal_steps=800,
                 image_frac=0.33, eval_every=1000),
+    # the toy's data, model and tokenizer with the budget paper A's model needs to draw digits anywhere (~2000 steps
+    # x 32 single frames: docs/RESULTS.md, 2026-12-03 placement bench): every stage, DMD too, in under 2 hours on
+    # 2 cores (docs/RESULTS.md, 2026-12-07)
+    "small": dict(num_digits=1, speed=1.5, tok_steps=3000, ar_steps=4000, ar_batch=8, fm_steps=12000,
+                  causal_steps=2000, dmd_steps=400, image_frac=0.5, eval_every=1000),
     "toy-d4": dict(down=4, z_channels=8, scales="1,2,3,4,6,8,12,16", tok_steps=4000, eval_every=1000),
     # the toy run with a 4x-compression tokenizer: 28 / 24 dB in 5 min (README), but 530 tokens per latent frame
     # instead of 85, so its generator stages take hours on a CPU

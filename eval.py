@@ -12,6 +12,8 @@ their own accuracy is measured on clips of the HELD-OUT digits and reported next
 Metrics (clips are uint8 [N,T,H,W] or [N,T,H,W,C]; the nets see them as 64x64 grayscale):
   semantic     share of frames whose detected digit set equals the prompt's (VBench's per-frame object / class
                score, Huang et al. 2024, with DigitNet as the detector). Needs prompts.
+  semantic_first  semantic of the first frames alone: the image a clip starts from (paper A's first latent frame
+               is one frame, drawn before any motion; issue 16's image target).
   *_se         the standard error of semantic and consistency over clips (std of the clip means / sqrt(N)): two
                generators whose scores differ by less than ~2 se are not told apart by N clips.
   consistency  share of frames whose detected digit set equals their clip's own majority set (the digits detected
@@ -504,6 +506,7 @@ def digit_scores(present, prompts=None):
             wanted[i, list(p)] = True
         hit = (present == wanted[:, None]).all(2)                           # [N,T]
         out["semantic"], out["semantic_se"] = hit.float().mean().item(), standard_error(hit)
+        out["semantic_first"] = hit[:, 0].float().mean().item()
     return out
 
 

@@ -327,9 +327,9 @@ def write_curve(out, stage):
     rows = [r["curve"] for r in rows if r.get("stage") == stage and "curve" in r]
     if not rows:
         return
-    lines = [f"| step | train min | frames | semantic | consistency |", "|---|---|---|---|---|"]
-    lines += [f"| {r['step']} | {r['train_s'] / 60:.1f} | {r['frames']} | {r['semantic']:.3f} | {r['consistency']:.3f} |"
-              for r in rows]
+    lines = [f"| step | train min | frames | semantic | first frame | consistency |", "|---|---|---|---|---|---|"]
+    lines += [f"| {r['step']} | {r['train_s'] / 60:.1f} | {r['frames']} | {r['semantic']:.3f} | "
+              f"{r.get('semantic_first', float('nan')):.3f} | {r['consistency']:.3f} |" for r in rows]
     (Path(out) / f"curve_{stage}.md").write_text("\n".join(lines) + "\n")
     import matplotlib
     matplotlib.use("Agg")

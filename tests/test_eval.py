@@ -168,3 +168,6 @@ def test_standard_errors_count_clips_not_frames():
     flicker[:, 1::2, 3] = False                              # every other frame empty, in every clip alike
     s = E.digit_scores(flicker, [[3]] * n)
     assert s["semantic"] == pytest.approx(7 / 13) and s["semantic_se"] == pytest.approx(0.0, abs=1e-7)
+    assert s["semantic_first"] == 1.0
+    flicker[: n // 4, 0, 3] = False                         # a quarter of the clips start blank
+    assert E.digit_scores(flicker, [[3]] * n)["semantic_first"] == 0.75
