@@ -1,7 +1,8 @@
 """The README's commands run as written (issue 19): every `python X.py ...` line of its bash blocks, in order, in a
 scratch directory, through X.main in this process. The tiny preset stands in for the long runs (`--config toy`
-becomes `--config tiny --out runs/toy` with the toy's digits and speed, so later commands find the run where the
-README says it is) and eval.py gets small feature nets; pip and pytest lines are not run."""
+becomes `--config tiny --out runs/toy`, `--config small` likewise, with the toy's digits and speed, so later
+commands find the run where the README says it is) and eval.py gets small feature nets; pip and pytest lines are
+not run."""
 import importlib
 import re
 import shlex
@@ -27,14 +28,17 @@ def readme_commands():
 
 
 def tiny(argv):
-    """The README's argv with the tiny preset in place of the toy one, on the toy's data (its digits and speed)."""
+    """The README's argv with the tiny preset in place of the toy and small ones (`--out runs/<preset>`), on the toy's
+    data (its digits and speed)."""
     toy = Config(**PRESETS["toy"])
-    preset = ["tiny", "--out", "runs/toy", "--num-digits", str(toy.num_digits), "--speed", str(toy.speed)]
+
+    def preset(name):
+        return ["tiny", "--out", f"runs/{name}", "--num-digits", str(toy.num_digits), "--speed", str(toy.speed)]
     out = []
     for word in argv:
-        out += preset if word == "toy" and out[-1:] == ["--config"] else [word]
+        out += preset(word) if word in ("toy", "small") and out[-1:] == ["--config"] else [word]
     if argv[0] == "train.py" and "--config" not in argv:
-        out += ["--config"] + preset
+        out += ["--config"] + preset("toy")
     return out
 
 
