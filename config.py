@@ -74,6 +74,9 @@ class Config:
     frame_mask: float = _f(0.1, "Random Frame Mask: chance that an earlier frame is hidden from a later one; 0 = off")
     ordered_prompt: int = _f(1, "1: a prompt lists the digits left to right and each place has its own embeddings "
                                 "(model.Transformer.condition); 0: an order-free bag of digits")
+    teacher_cfg: float = _f(3.0, "classifier-free guidance weight of the teacher's sampler: sample.py --method teacher's "
+                                 "default, the teacher's curve and GIF, --causal-data teacher's clips (the small "
+                                 "run's teacher: 3 -> 6 lifts semantic 0.64 -> 0.75; docs/RESULTS.md)")
     cond_drop: float = _f(0.1, "chance that a clip's prompt is replaced by the null condition (for CFG)")
     # paper B: prediction units, flow-matching teacher, causal student (train.py --stage teacher / causal)
     unit: str = _f("cube", "prediction unit of the causal student: frame, keydetail, cube or scale")
@@ -83,8 +86,9 @@ class Config:
     fm_steps: int = _f(2000, "teacher (full-attention flow matching) training steps")
     causal_steps: int = _f(1000, "causal student training steps")
     causal_data: str = _f("real", "clips the causal student learns from: real (encoded Moving MNIST) or teacher "
-                                  "(sampled from the teacher, 25 steps, CFG 3: paper B's stage 1, so the student "
-                                  "learns the distribution that DMD later matches; ~2x the stage's time on a CPU)")
+                                  "(sampled from the teacher, 25 steps, --teacher-cfg: paper B's stage 1, so the "
+                                  "student learns the distribution that DMD later matches; ~2x the stage's time on a "
+                                  "CPU)")
     fm_batch: int = _f(8, "paper B batch size (clips)")
     fm_lr: float = _f(3e-3, "teacher learning rate (paper B's base model)")
     causal_lr: float = _f(3e-3, "causal student learning rate (paper B's stage 1: 1e-4 at 1.3B)")
@@ -164,7 +168,8 @@ PRESETS = {
     # x 32 single frames: docs/RESULTS.md, 2026-12-03 placement bench): every stage, DMD too, in under 2 hours on
     # 2 cores (docs/RESULTS.md, 2026-12-07)
     "small": dict(num_digits=1, speed=1.5, tok_steps=3000, ar_steps=4000, ar_batch=8, fm_steps=12000,
-                  causal_steps=2000, dmd_steps=400, image_frac=0.5, eval_every=1000),
+                  causal_steps=2000, dmd_steps=400, image_frac=0.5, eval_every=1000, teacher_cfg=6.0,
+                  dmd_cfg=6.0),
     "toy-d4": dict(down=4, z_channels=8, scales="1,2,3,4,6,8,12,16", tok_steps=4000, eval_every=1000),
     # the toy run with a 4x-compression tokenizer: 28 / 24 dB in 5 min (README), but 530 tokens per latent frame
     # instead of 85, so its generator stages take hours on a CPU
@@ -219,7 +224,7 @@ LIMITS = {
     "image_frac": SHARE,
     "dmd_steps": STEPS, "dmd_lr": LR, "dmd_fake_lr": LR, "dmd_critic": "[1, 1000]",
     "dmd_fake": ("full", "forward", "backward", "symmetric", "composed"), "dmd_unit_steps": "[1, 1000]",
-    "dmd_t_min": SHARE, "dmd_t_max": SHARE, "dmd_cfg": "[0, 100]", "dmd_ema": "[0, 1)",
+    "dmd_t_min": SHARE, "dmd_t_max": SHARE, "dmd_cfg": "[0, 100]", "teacher_cfg": "[0, 100]", "dmd_ema": "[0, 1)",
     "echo": "[1, 1000]", "eval_every": STEPS, "eval_clips": BATCH,
 }
 SEED = "[0, 4294967295]"   # numpy's seeds are 32-bit

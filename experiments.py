@@ -102,8 +102,8 @@ def units(args, base, cfg, tok, digits, nets):
     gen = torch.Generator(args.device).manual_seed(args.seed)
     t0 = time.perf_counter()
     with amp(args):
-        z = generate_teacher(teacher, prompts.to(args.device), n_latent, side, channels, gen, 25, 3.0, progress=False,
-                             shift=cfg.fm_shift)
+        z = generate_teacher(teacher, prompts.to(args.device), n_latent, side, channels, gen, 25, cfg.teacher_cfg,
+                             progress=False, shift=cfg.fm_shift)
         video = decode(tok, stats.denormalize(z))
     out = {"teacher (full attention, 25 steps)": {**score(video, prompts, nets, digits, cfg.speed),
                                                   "frames/s": video.size / video[0, 0].size / (time.perf_counter() - t0)}}
@@ -181,7 +181,7 @@ def stream(args, base, cfg, tok, digits, nets):
     the rolling cache (the training clip's time window). Reports ms per unit and KV-cache size in a steady state and
     at the end (bench.stream_clock), and the scores of windows of the trained length along the video (does quality drift?)."""
     model, c, stats = checkpoint.load_flow(base, args.generator, args.device, tok)
-    steps, cfg_scale = args.unit_steps or unit_steps(args.generator, c), default_cfg(args.generator)
+    steps, cfg_scale = args.unit_steps or unit_steps(args.generator, c), default_cfg(args.generator, c)
     chunk, (channels, side) = 1 + (c.frames - 1) // c.ft, stats.shape(c.z_channels, tok.latent_side)
     latent = 1 + (args.long - 1) // c.ft
     stamps = []

@@ -150,9 +150,10 @@ def unit_steps(stage, cfg):
     return cfg.dmd_unit_steps if stage == "dmd" else 4
 
 
-def default_cfg(method):
-    """Default CFG weight: 3, and 1 (off) for the DMD generator, which learnt the guided real score."""
-    return 1.0 if method == "dmd" else 3.0
+def default_cfg(method, cfg):
+    """Default CFG weight of a method ('ar', 'teacher', 'student' or 'causal', 'dmd') for a run's config: the teacher's
+    --teacher-cfg, 1 (off) for the DMD generator, which learnt the guided real score, and 3 for the others."""
+    return {"teacher": cfg.teacher_cfg, "dmd": 1.0}.get(method, 3.0)
 
 
 def generate_student(model, prompts, n_latent, chunk, side, channels, generator, kind="cube", unit_kw=None, steps=4,
@@ -309,11 +310,11 @@ def sample_stage(stage, model, cfg, tok, stats, prompts, generator, frames, args
         if stage == "ar":
             z = generate_ar(model, tok, prompts, n_latent, generator, progress=False)
         elif stage == "teacher":
-            z = stats.denormalize(generate_teacher(model, prompts, n_latent, side, channels, generator, progress=False,
-                                                    shift=cfg.fm_shift))
+            z = stats.denormalize(generate_teacher(model, prompts, n_latent, side, channels, generator,
+                                                   cfg_scale=cfg.teacher_cfg, progress=False, shift=cfg.fm_shift))
         else:   # the causal student (4 guided steps per unit), or the DMD generator (its steps, guidance distilled)
             chunk = 1 + (cfg.frames - 1) // cfg.ft
-            steps, cfg_scale = unit_steps(stage, cfg), default_cfg(stage)
+            steps, cfg_scale = unit_steps(stage, cfg), default_cfg(stage, cfg)
             z = stats.denormalize(generate_student(model, prompts, n_latent, chunk, side, channels, generator, cfg.unit,
                                                    cfg.unit_kwargs(), steps, cfg_scale, progress=False,
                                                    shift=cfg.fm_shift))
@@ -353,8 +354,9 @@ def build_parser():
                    'with ordered prompts, the default), e.g. "3 7" (default: random digits per clip)')
     p.add_argument("--num", type=int, default=8, help="number of clips")
     p.add_argument("--frames", type=int, default=0, help="video frames, 1 + ft*k (default: the trained length)")
-    p.add_argument("--cfg", type=float, default=None, help="classifier-free guidance weight (1 = off; default 3, "
-                   "and 1 for dmd, whose generator learnt the guided real score)")
+    p.add_argument("--cfg", type=float, default=None, help="classifier-free guidance weight (1 = off; default: the run's "
+                   "--teacher-cfg for the teacher, 1 for dmd, whose generator learnt the guided real score, 3 for the "
+                   "others)")
     p.add_argument("--cfg-schedule", choices=["constant", "linear"], default="constant",
                    help="CFG weight over scales: constant, or rising linearly to --cfg at the last scale")
     p.add_argument("--temperature", type=float, default=1.0, help="sampling temperature")
@@ -442,8 +444,6 @@ def run(p, args):
             p.error(f"--reconstruct: {e}")
         write_outputs(args, out)
         return 0
-    if args.cfg is None:
-        args.cfg = default_cfg(args.method)
     with autocast(args.device, args.precision):
         video, prompts = run_ar(p, args) if args.method == "ar" else run_flow(p, args)
     write_outputs(args, video, prompts)
@@ -511,6 +511,7 @@ def run_flow(p, args):
     tok, _ = load_tokenizer(args.ckpt, args.device)
     stage = {"teacher": "teacher", "student": "causal", "dmd": "dmd"}[args.method]
     model, cfg, stats = load_flow(args.ckpt, stage, args.device, tok)
+    cfg_scale = default_cfg(args.method, cfg) if args.cfg is None else args.cfg
     gen = torch.Generator(args.device).manual_seed(args.seed)
     frames, clip, z_ctx = frames_and_context(p, args, cfg, tok)
     n_latent = 1 + (frames - 1) // cfg.ft
@@ -521,13 +522,13 @@ def run_flow(p, args):
     if args.method == "teacher":
         if clip is not None:
             p.error("--context needs --method student or dmd (the teacher generates whole clips)")
-        z = generate_teacher(model, prompts, n_latent, side, channels, gen, args.steps or 25, args.cfg,
+        z = generate_teacher(model, prompts, n_latent, side, channels, gen, args.steps or 25, cfg_scale,
                              shift=cfg.fm_shift)
     else:
         chunk = 1 + (cfg.frames - 1) // cfg.ft
         try:
             z = generate_student(model, prompts, n_latent, chunk, side, channels, gen, cfg.unit, cfg.unit_kwargs(),
-                                 args.steps or unit_steps(stage, cfg), args.cfg,
+                                 args.steps or unit_steps(stage, cfg), cfg_scale,
                                  None if z_ctx is None else stats.normalize(z_ctx),
                                  args.context_len, shift=cfg.fm_shift)
         except ValueError as e:
@@ -547,7 +548,8 @@ def run_ar(p, args):
     n = args.num if clip is None else len(clip)
     prompts = parse_prompts(p, args, n, cfg.num_digits, gen).to(args.device) \
         if (args.prompt is not None or clip is None) else None
-    f_hat = generate_ar(model, tok, prompts, 1 + (frames - 1) // cfg.ft, gen, args.cfg, args.cfg_schedule,
+    cfg_scale = default_cfg("ar", cfg) if args.cfg is None else args.cfg
+    f_hat = generate_ar(model, tok, prompts, 1 + (frames - 1) // cfg.ft, gen, cfg_scale, args.cfg_schedule,
                         args.temperature, args.top_k, args.top_p, context, window)
     return finish(data.from_model(tok.decode(f_hat), squeeze=False), clip, prompts)
 

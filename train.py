@@ -173,8 +173,8 @@ def teacher_clips(cfg, args, teacher, stats, clip_latent, shard):
         gen = torch.Generator(args.device).manual_seed(batch_seed(args.seed, "causal", s, shard))
         prompts = random_prompts(m, cfg.num_digits, gen)
         with autocast(args.device, args.precision):
-            z = generate_teacher(teacher, prompts, clip_latent, side, channels, gen, progress=False,
-                                 shift=cfg.fm_shift)
+            z = generate_teacher(teacher, prompts, clip_latent, side, channels, gen, cfg_scale=cfg.teacher_cfg,
+                                 progress=False, shift=cfg.fm_shift)
         return z.float(), prompts
     return fresh
 

@@ -68,6 +68,25 @@ def test_sample_writes_clips_and_their_prompts(run, tmp_path, method, request):
     assert (tmp_path / f"{method}.gif").stat().st_size > 0
 
 
+def test_teacher_samples_at_the_runs_teacher_cfg(run, tmp_path):
+    """sample.py --method teacher without --cfg guides with the run's --teacher-cfg (read from teacher.pt's config)."""
+    import torch
+    for f in ("tokenizer.pt", "teacher.pt"):
+        shutil.copy(run / f, tmp_path)
+    state = torch.load(tmp_path / "teacher.pt", weights_only=False)
+    state["config"]["teacher_cfg"] = 6.0
+    torch.save(state, tmp_path / "teacher.pt")
+
+    def clips(ckpt, *flags):
+        npy = tmp_path / f"{len(list(tmp_path.glob('*.npy')))}.npy"
+        sample.main(["--ckpt", str(ckpt), "--method", "teacher", "--num", "2", "--steps", "2", "--npy", str(npy),
+                     "--device", "cpu", *flags])
+        return np.load(npy)
+    default = clips(tmp_path)
+    assert np.array_equal(default, clips(tmp_path, "--cfg", "6"))
+    assert not np.array_equal(default, clips(tmp_path, "--cfg", "3"))
+
+
 @pytest.mark.parametrize("method, flag", [("ar", ["--steps", "4"]), ("teacher", ["--temperature", "0.5"]),
                                           ("dmd", ["--top-k", "3"]), ("ar", ["--context-len", "2"]),
                                           ("student", ["--window", "2"])])
