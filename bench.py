@@ -7,6 +7,7 @@ freshly initialised unless --ckpt names a trained run.
 """
 import resource
 import sys
+import threading
 import time
 
 import numpy as np
@@ -123,7 +124,7 @@ def main(argv=None):
     side, chunk = cfg.size // cfg.down // cfg.fm_patch, 1 + (cfg.frames - 1) // cfg.ft
     if args.long and len(stream_layout(cfg.unit, 1 + (args.long - 1) // cfg.ft, chunk, side, **cfg.unit_kwargs())) < 16:
         p.error(f"--long {args.long}: allowed 0 (off) or a video of at least 16 {cfg.unit} units (its timings compare "
-                f"units 6-15 with the last ten)")
+                f"a fresh stream's second tenth of the units with the last tenth)")
     device = args.device
     torch.manual_seed(args.seed)
     tok = Tokenizer(cfg.tokenizer_config(), cfg.size).to(device).eval()
@@ -186,36 +187,91 @@ def main(argv=None):
 
 
 def long_video(args, cfg, flow, prompt, device, channels, side):
-    """Streaming student over a long video: seconds and cache size at unit ~10 and at the last units."""
+    """Streaming student over a long video: ms per unit and cache size early and at the end (paired_clock)."""
     chunk = 1 + (cfg.frames - 1) // cfg.ft
     latent = 1 + (args.long - 1) // cfg.ft
-    stamps = []
+    units = len(stream_layout(cfg.unit, latent, chunk, side, **cfg.unit_kwargs()))
 
-    def on_unit(i, cache):
-        sync(device)
-        stamps.append((time.perf_counter(), cache.nbytes() / 2 ** 20))
+    def stream(on_unit, progress):
+        with torch.no_grad(), autocast(device, args.precision):
+            return generate_student(flow, prompt, latent, chunk, side, channels, torch.Generator(device), cfg.unit,
+                                    cfg.unit_kwargs(), 4, 3.0, None, progress=progress, on_unit=on_unit)
 
     t0 = time.perf_counter()
-    with torch.no_grad():
-        generate_student(flow, prompt, latent, chunk, side, channels, torch.Generator(device), cfg.unit,
-                         cfg.unit_kwargs(), 4, 3.0, None, progress=True, on_unit=on_unit)
-    c = stream_clock(stamps)
+    c = paired_clock(stream, units, device)[1]
     print(f"long video: {args.long} frames = {c['units']} {cfg.unit} units in {time.perf_counter() - t0:.1f} s; "
-          f"per unit: {c['ms early']:.1f} ms at units {c['early units']} vs {c['ms last']:.1f} ms at units "
-          f"{c['last units']} ({c['change']:+.1%}); KV cache {c['KV MB early']:.2f} MB vs {c['KV MB last']:.2f} MB; "
-          f"peak RSS {peak_mem_mb(device):.0f} MB")
+          f"per unit: {c['ms early']:.1f} ms at units {c['early units']} of a fresh stream vs {c['ms last']:.1f} ms at "
+          f"units {c['last units']}, taking turns ({c['change']:+.1%}); KV cache {c['KV MB early']:.2f} MB vs "
+          f"{c['KV MB last']:.2f} MB; peak RSS {peak_mem_mb(device):.0f} MB")
 
 
-def stream_clock(stamps):
-    """Is a stream's cost per unit flat? stamps: (seconds, KV-cache MB) after each unit -> ms per unit and cache size
-    over the second tenth of the units (past the warm-up and the filling of the cache window, so a steady state)
-    against the last tenth, and the relative change."""
-    ms = np.diff([s[0] for s in stamps]) * 1e3         # ms[k]: unit k + 2 (1-based)
-    w = max(1, len(ms) // 10)
-    early, last = float(ms[w:2 * w].mean()), float(ms[-w:].mean())
-    return {"units": len(stamps), "early units": f"{w + 2}-{2 * w + 1}", "last units": f"{len(ms) - w + 2}-{len(ms) + 1}",
-            "ms early": early, "ms last": last, "change": last / early - 1,
-            "KV MB early": stamps[w + 1][1], "KV MB last": stamps[-1][1]}
+class _Timed(Exception):
+    """Ends paired_clock's fresh stream once its units are timed."""
+
+
+def paired_clock(stream, units, device="cpu"):
+    """Is a stream's cost per unit flat along the video, with the machine's own drift cancelled (this project's VMs
+    run ±15% faster or slower from one few-second spell to the next)? stream(on_unit, progress) runs one stream of
+    `units` units, calling on_unit(i, cache) after unit i, and returns what it generated (progress: a bar, for the old one). Two streams run in two threads
+    that take turns: the old one alone up to its last 2w units (w = units // 10), then the old one and a fresh one
+    alternately, one unit each. The fresh stream's units w+1..2w (a steady state: past the warm-up and the filling of
+    the cache window) and the old stream's last w units are timed side by side, so a slow spell slows both.
+    -> (the old stream's output, {'units', 'early units', 'last units', 'ms early' and 'ms last' (medians),
+    'change' (last / early - 1), 'KV MB early', 'KV MB last'})."""
+    if units < 4:
+        raise ValueError(f"paired_clock: {units} units; allowed 4 or more")
+    w = max(1, units // 10)
+    turn = {"old": threading.Semaphore(0), "new": threading.Semaphore(0)}
+    ms, kv, out, done, t0 = {"old": [], "new": []}, {}, {}, {}, {}
+
+    def hand_over(me, other):   # the other thread takes its turn; this one waits for its next (unless that one ended)
+        turn[other].release()
+        if not done.get(other):
+            turn[me].acquire()
+        t0[me] = time.perf_counter()
+
+    def on_unit(me, other, last):
+        def call(i, cache):
+            if me == "old" and i < units - 2 * w - 1:      # its run-up, alone
+                return
+            sync(device)
+            if i > (units - 2 * w - 1 if me == "old" else -1):
+                ms[me].append((time.perf_counter() - t0[me]) * 1e3)
+            kv[me] = cache.nbytes() / 2 ** 20
+            if i == last:
+                if me == "new":
+                    turn[other].release()
+                    raise _Timed
+                return
+            hand_over(me, other)
+        return call
+
+    def run(me, other, last):
+        try:
+            if me == "new":
+                turn["new"].acquire()
+                t0["new"] = time.perf_counter()
+            out[me] = stream(on_unit(me, other, last), me == "old")
+        except _Timed:
+            pass
+        except BaseException as e:   # re-raised below, in the caller's thread
+            out["error"] = e
+        finally:
+            done[me] = True
+            turn[other].release()    # never leave the other thread waiting
+
+    threads = [threading.Thread(target=run, args=("old", "new", units - 1)),
+               threading.Thread(target=run, args=("new", "old", 2 * w - 1))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    if "error" in out:
+        raise out["error"]
+    early, last = float(np.median(ms["new"][w:])), float(np.median(ms["old"][w:]))
+    return out["old"], {"units": units, "early units": f"{w + 1}-{2 * w}", "last units": f"{units - w + 1}-{units}",
+                        "ms early": early, "ms last": last, "change": last / early - 1,
+                        "KV MB early": kv["new"], "KV MB last": kv["old"]}
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -179,24 +179,25 @@ def stream(args, base, cfg, tok, digits, nets):
     """A streaming generator (--generator: the causal student, 4 steps per unit and CFG 3; or the DMD generator,
     its run's --dmd-unit-steps and no CFG; --unit-steps overrides) streams args.long frames for args.num clips with
     the rolling cache (the training clip's time window). Reports ms per unit and KV-cache size in a steady state and
-    at the end (bench.stream_clock), and the scores of windows of the trained length along the video (does quality drift?)."""
+    at the end, timed beside a fresh stream so that the machine's drift cancels (bench.paired_clock), and the scores
+    of windows of the trained length along the video (does quality drift?)."""
     model, c, stats = checkpoint.load_flow(base, args.generator, args.device, tok)
     steps, cfg_scale = args.unit_steps or unit_steps(args.generator, c), default_cfg(args.generator, c)
     chunk, (channels, side) = 1 + (c.frames - 1) // c.ft, stats.shape(c.z_channels, tok.latent_side)
     latent = 1 + (args.long - 1) // c.ft
-    stamps = []
+    prompts = prompts_for(args.num, c.num_digits, args.seed).to(args.device)
 
-    def on_unit(i, cache):
-        stamps.append((time.perf_counter(), cache.nbytes() / 2 ** 20))
+    def stream(on_unit, progress):
+        gen = torch.Generator(args.device).manual_seed(args.seed)
+        with torch.no_grad(), amp(args):
+            return generate_student(model, prompts, latent, chunk, side, channels, gen, c.unit, c.unit_kwargs(), steps,
+                                    cfg_scale, on_unit=on_unit, shift=c.fm_shift, progress=progress)
 
-    prompts = prompts_for(args.num, c.num_digits, args.seed)
-    gen = torch.Generator(args.device).manual_seed(args.seed)
+    z, clock = bench.paired_clock(stream, len(stream_layout(c.unit, latent, chunk, side, **c.unit_kwargs())),
+                                  args.device)
     with amp(args):
-        z = generate_student(model, prompts.to(args.device), latent, chunk, side, channels, gen, c.unit,
-                             c.unit_kwargs(), steps, cfg_scale, on_unit=on_unit, shift=c.fm_shift)
         video = decode(tok, stats.denormalize(z))
-    out = {"cost": {"generator": f"{args.generator}, {steps} steps per unit, CFG {cfg_scale:g}",
-                    **bench.stream_clock(stamps)}}
+    out = {"cost": {"generator": f"{args.generator}, {steps} steps per unit, CFG {cfg_scale:g}", **clock}}
     print(f"[stream] {out['cost']}", flush=True)
     starts = np.linspace(0, video.shape[1] - cfg.frames, 5).astype(int)
     for s in starts:

@@ -135,7 +135,8 @@ def test_stream_table_of_the_dmd_generator(dmd_run, small_nets, monkeypatch, cap
     experiments.main(["stream", "--base", str(dmd_run), "--generator", "dmd", "--unit-steps", "1", "--num", "2",
                       "--long", "25", "--device", "cpu"])
     rows = json.loads((dmd_run / "stream.json").read_text())
-    assert loaded == ["dmd"] and streamed == [(1, 1.0)], (loaded, streamed)      # 1 step per unit, no CFG
+    assert loaded == ["dmd"] and streamed == [(1, 1.0)] * 2, (loaded, streamed)   # 1 step per unit, no CFG; the
+    # second stream: the fresh one bench.paired_clock times beside the first
     assert rows["cost"]["generator"] == "dmd, 1 steps per unit, CFG 1" and len(rows) == 6, rows
 
 
@@ -149,12 +150,37 @@ def test_bench_prints_a_row_per_method(capsys):
         assert name in out, (name, out)
 
 
-def test_stream_clock_skips_the_warm_up():
-    """bench.stream_clock compares a steady window (the second tenth of the units) with the last tenth: a slow
-    start (warm-up, the cache window filling) does not count, a slower end does."""
+@pytest.mark.parametrize("slower_end", [0.0, 0.5])
+def test_paired_clock_times_a_fresh_stream_beside_the_old_ones_end(slower_end):
+    """bench.paired_clock: the old stream runs alone to its last 2w units, then it and a fresh stream take turns unit
+    by unit; the fresh stream's units w+1..2w (not its warm-up) are compared with the old one's last w."""
+    import time
+    from types import SimpleNamespace
     import bench
-    ms = [50.0] * 10 + [10.0] * 80 + [11.0] * 10                # per unit, 101 stamps -> 100 intervals
-    stamps = [(t / 1e3, 1.0 + (k > 5)) for k, t in enumerate(np.cumsum([0.0] + ms))]
-    c = bench.stream_clock(stamps)
-    assert c["units"] == 101 and c["ms early"] == pytest.approx(10.0) and c["ms last"] == pytest.approx(11.0)
-    assert c["change"] == pytest.approx(0.1) and c["KV MB early"] == c["KV MB last"] == 2.0
+    units, w, log = 40, 4, []
+    ms = [8.0] * 2 + [2.0] * 34 + [2.0 * (1 + slower_end)] * 4          # a slow warm-up, then a steady state
+
+    def stream(on_unit, progress):
+        for i, m in enumerate(ms):
+            time.sleep(m / 1e3)
+            log.append(i)
+            on_unit(i, SimpleNamespace(nbytes=lambda: 2 ** 20 * min(i, 5)))
+        return "video"
+    out, c = bench.paired_clock(stream, units)
+    assert out == "video" and log == list(range(32)) + [k for j in range(8) for k in (j, 32 + j)]
+    assert c["early units"] == "5-8" and c["last units"] == "37-40" and c["KV MB early"] == c["KV MB last"] == 5
+    assert c["change"] == pytest.approx(slower_end, abs=0.15) and c["ms early"] == pytest.approx(2.0, abs=0.3)
+
+
+def test_paired_clock_passes_on_a_streams_error():
+    """An error in either thread reaches the caller (and neither thread is left waiting for its turn)."""
+    from types import SimpleNamespace
+    import bench
+
+    def stream(on_unit, progress):
+        for i in range(40):
+            if i == 35:
+                raise RuntimeError("unit 35")
+            on_unit(i, SimpleNamespace(nbytes=lambda: 0))
+    with pytest.raises(RuntimeError, match="unit 35"):
+        bench.paired_clock(stream, 40)
