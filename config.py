@@ -168,8 +168,7 @@ PRESETS = {
     # x 32 single frames: docs/RESULTS.md, 2026-12-03 placement bench): every stage, DMD too, in under 2 hours on
     # 2 cores (docs/RESULTS.md, 2026-12-07)
     "small": dict(num_digits=1, speed=1.5, tok_steps=3000, ar_steps=4000, ar_batch=8, fm_steps=12000,
-                  causal_steps=2000, dmd_steps=400, image_frac=0.5, eval_every=1000, teacher_cfg=6.0,
-                  dmd_cfg=6.0),
+                  causal_steps=2000, dmd_steps=400, image_frac=0.5, eval_every=1000, teacher_cfg=6.0),
     "toy-d4": dict(down=4, z_channels=8, scales="1,2,3,4,6,8,12,16", tok_steps=4000, eval_every=1000),
     # the toy run with a 4x-compression tokenizer: 28 / 24 dB in 5 min (README), but 530 tokens per latent frame
     # instead of 85, so its generator stages take hours on a CPU
