@@ -9,9 +9,9 @@ Reading guide (paper -> code):
     one `Layout`.
   * Next-frame context (paper A): `frame_context` -- every token of frame t is also fed frame t-1's full
     quantized sum at its own scale, so the next frame is built on the codes actually drawn.
-  * Multi-scale Temporal RoPE (paper A Sec. 3.2): `rope` -- every token is rotated by its physical (t, h, w) on
-    the finest latent grid; a coarse-scale token sits at the centre of the region it covers. Attention scores
-    depend only on position differences, so the same weights serve any unit type, resolution and length.
+  * Multi-scale Temporal RoPE (paper A Sec. 3.2): `rope_angles`, `rope` -- every token is rotated by its physical
+    (t, h, w) on the finest latent grid; a coarse-scale token sits at the centre of the region it covers. Attention
+    scores depend only on position differences, so the same weights serve any unit type, resolution and length.
   * KV cache, rolling (paper B Sec. 3.4): `KVCache` -- keys are cached before rotation with their positions and
     rotated at use relative to the oldest cached frame, so after evicting old units the model sees the same
     relative offsets at frame 10 and at frame 10 000.
@@ -207,19 +207,24 @@ def ar_sequence(inputs, codes, f_hat):
 
 
 # ---------------------------------------------------------------------------------------------------- RoPE
-def rope(x, pos, base):
-    """Rotate x [B,H,L,D] by 3D positions pos [L,3] (paper A's Multi-scale Temporal RoPE).
+def rope_angles(pos, head_dim, base):
+    """Paper A's Multi-scale Temporal RoPE: the rotation of every token by its 3D position pos [L,3] ->
+    (cos, sin) [L, D/2] fp32, computed once per forward and used by every layer (`rope`).
 
     The D/2 rotation pairs are split between t, h and w (t gets the remainder); pair i of an axis turns by
     pos_axis * base^(-i/n_axis). Positions are floats: coarse-scale tokens sit between fine-grid cells.
     """
-    d2 = x.shape[-1] // 2
+    d2 = head_dim // 2
     n_s = d2 // 3
     sizes = (d2 - 2 * n_s, n_s, n_s)
-    ang = torch.cat([pos[:, a:a + 1].to(x.device, torch.float32)
-                     * base ** (-torch.arange(n, device=x.device, dtype=torch.float32) / n)
+    ang = torch.cat([pos[:, a:a + 1].float() * base ** (-torch.arange(n, device=pos.device, dtype=torch.float32) / n)
                      for a, n in enumerate(sizes)], -1)                    # [L, D/2]
-    cos, sin = ang.cos().to(x.dtype), ang.sin().to(x.dtype)
+    return ang.cos(), ang.sin()
+
+
+def rope(x, angles):
+    """Rotate x [B,H,L,D] by rope_angles' (cos, sin) [L, D/2]: pair (x_2i, x_2i+1) turns by angle i."""
+    cos, sin = (a.to(x.dtype) for a in angles)
     x1, x2 = x[..., 0::2], x[..., 1::2]
     return torch.stack([x1 * cos - x2 * sin, x1 * sin + x2 * cos], -1).flatten(-2)
 
@@ -292,11 +297,10 @@ class Attention(nn.Module):
         self.proj = nn.Linear(cfg.dim, cfg.dim)
         d = cfg.dim // cfg.heads
         self.q_norm, self.k_norm = nn.RMSNorm(d), nn.RMSNorm(d)   # q/k normalisation keeps logits bounded
-        self.base = cfg.rope_base
 
-    def forward(self, x, pos, mask, cache=None, layer=0, append=False, pos_keys=None):
-        """x [B,L,C]; pos [L,3] of the new tokens and pos_keys [Lk,3] of cached + new keys, both re-based in time;
-        mask [Lq, Lk] or [B,1,Lq,Lk]."""
+    def forward(self, x, angles, mask, cache=None, layer=0, append=False, angles_keys=None):
+        """x [B,L,C]; angles: rope_angles of the new tokens' positions, angles_keys of the cached + new keys' (both
+        re-based in time; None: the new tokens' own); mask [Lq, Lk] or [B,1,Lq,Lk]."""
         query, key, value = rearrange(self.qkv(x), "b l (three h d) -> three b h l d", three=3, h=self.h)
         query = self.q_norm(query.float()).to(value.dtype)   # fp32 norms under bf16 autocast
         key = self.k_norm(key.float()).to(value.dtype)
@@ -307,7 +311,7 @@ class Attention(nn.Module):
         if cache is not None and append:   # cached + the first `append` new tokens (True: all of them)
             end = keys.shape[2] if append is True else keys.shape[2] - key.shape[2] + append
             cache.keys[layer], cache.values[layer] = keys[:, :, :end], values[:, :, :end]
-        query, keys = rope(query, pos, self.base), rope(keys, pos if pos_keys is None else pos_keys, self.base)
+        query, keys = rope(query, angles), rope(keys, angles if angles_keys is None else angles_keys)
         o = F.scaled_dot_product_attention(query, keys, values, attn_mask=mask)      # [B,H,L,D]
         return self.proj(rearrange(o, "b h l d -> b l (h d)"))
 
@@ -326,9 +330,9 @@ class Block(nn.Module):
         nn.init.zeros_(self.ada.weight)
         nn.init.zeros_(self.ada.bias)
 
-    def forward(self, x, cond, pos, mask, **kw):  # x [B,L,C], cond [B,1 or L,C]
+    def forward(self, x, cond, angles, mask, **kw):  # x [B,L,C], cond [B,1 or L,C]; angles: rope_angles
         sh1, sc1, g1, sh2, sc2, g2 = self.ada(F.silu(cond)).chunk(6, -1)
-        x = x + g1 * self.attn(modulate(self.norm1(x), sh1, sc1), pos, mask, **kw)
+        x = x + g1 * self.attn(modulate(self.norm1(x), sh1, sc1), angles, mask, **kw)
         return x + g2 * self.mlp(modulate(self.norm2(x), sh2, sc2))
 
 
@@ -439,11 +443,14 @@ class Transformer(nn.Module):
             mask = unit_mask(unit, unit_keys, layout.mask, noisy, noisy_keys)  # [Lq,Lk]
         if layout.hide is not None:
             mask = mask & ~layout.hide[:, None]                                  # [B,1,Lq,Lk]
+        d = self.cfg.dim // self.cfg.heads
+        angles = rope_angles(pos_q.to(h.device), d, self.cfg.rope_base)        # once for every layer
+        angles_keys = None if pos_keys is None else rope_angles(pos_keys.to(h.device), d, self.cfg.rope_base)
         for i, blk in enumerate(self.blocks):
             if self.checkpointing and self.training and torch.is_grad_enabled() and cache is None:
-                h = checkpoint(blk, h, cond, pos_q, mask, use_reentrant=False)
+                h = checkpoint(blk, h, cond, angles, mask, use_reentrant=False)
             else:
-                h = blk(h, cond, pos_q, mask, cache=cache, layer=i, append=append, pos_keys=pos_keys)
+                h = blk(h, cond, angles, mask, cache=cache, layer=i, append=append, angles_keys=angles_keys)
         if cache is not None and append:
             n = len(pos) if append is True else append
             cache.pos = torch.cat([cache_pos, pos[:n].float()])
