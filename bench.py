@@ -212,9 +212,9 @@ class _Timed(Exception):
 def paired_clock(stream, units, device="cpu"):
     """Is a stream's cost per unit flat along the video, with the machine's own drift cancelled (this project's VMs
     run ±15% faster or slower from one few-second spell to the next)? stream(on_unit, progress) runs one stream of
-    `units` units, calling on_unit(i, cache) after unit i, and returns what it generated (progress: a bar, for the old one). Two streams run in two threads
-    that take turns: the old one alone up to its last 2w units (w = units // 10), then the old one and a fresh one
-    alternately, one unit each. The fresh stream's units w+1..2w (a steady state: past the warm-up and the filling of
+    `units` units, calling on_unit(i, cache) after unit i, and returns what it generated (progress: show a bar; the
+    old one does). Two streams run in two threads that take turns: the old one alone up to its last 2w units
+    (w = units // 10), then the old one and a fresh one alternately, one unit each. The fresh stream's units w+1..2w (a steady state: past the warm-up and the filling of
     the cache window) and the old stream's last w units are timed side by side, so a slow spell slows both.
     -> (the old stream's output, {'units', 'early units', 'last units', 'ms early' and 'ms last' (medians),
     'change' (last / early - 1), 'KV MB early', 'KV MB last'})."""

@@ -74,9 +74,9 @@ class Config:
     frame_mask: float = _f(0.1, "Random Frame Mask: chance that an earlier frame is hidden from a later one; 0 = off")
     ordered_prompt: int = _f(1, "1: a prompt lists the digits left to right and each place has its own embeddings "
                                 "(model.Transformer.condition); 0: an order-free bag of digits")
-    teacher_cfg: float = _f(3.0, "classifier-free guidance weight of the teacher's sampler: sample.py --method teacher's "
-                                 "default, the teacher's curve and GIF, --causal-data teacher's clips (the small "
-                                 "run's teacher: 3 -> 6 lifts semantic 0.64 -> 0.75; docs/RESULTS.md)")
+    teacher_cfg: float = _f(3.0, "classifier-free guidance weight of the teacher's sampler: sample.py --method "
+                                 "teacher's default, the teacher's curve and GIF, --causal-data teacher's clips (the "
+                                 "small run's teacher: 3 -> 6 lifts semantic 0.64 -> 0.75; docs/RESULTS.md)")
     cond_drop: float = _f(0.1, "chance that a clip's prompt is replaced by the null condition (for CFG)")
     # paper B: prediction units, flow-matching teacher, causal student (train.py --stage teacher / causal)
     unit: str = _f("cube", "prediction unit of the causal student: frame, keydetail, cube or scale")

@@ -354,9 +354,9 @@ def build_parser():
                    'with ordered prompts, the default), e.g. "3 7" (default: random digits per clip)')
     p.add_argument("--num", type=int, default=8, help="number of clips")
     p.add_argument("--frames", type=int, default=0, help="video frames, 1 + ft*k (default: the trained length)")
-    p.add_argument("--cfg", type=float, default=None, help="classifier-free guidance weight (1 = off; default: the run's "
-                   "--teacher-cfg for the teacher, 1 for dmd, whose generator learnt the guided real score, 3 for the "
-                   "others)")
+    p.add_argument("--cfg", type=float, default=None,
+                   help="classifier-free guidance weight (1 = off; default: the run's --teacher-cfg for the teacher, 1 "
+                        "for dmd, whose generator learnt the guided real score, 3 for the others)")
     p.add_argument("--cfg-schedule", choices=["constant", "linear"], default="constant",
                    help="CFG weight over scales: constant, or rising linearly to --cfg at the last scale")
     p.add_argument("--temperature", type=float, default=1.0, help="sampling temperature")
