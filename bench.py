@@ -41,17 +41,21 @@ def sync(device):
         torch.cuda.synchronize()
 
 
-def timed(fn, device, reps=3):
-    """(seconds per call, GFLOP per call) of fn(), after one warm-up call."""
+def timed(fn, device, reps=3, min_seconds=2.0):
+    """(seconds per call, GFLOP per call) of fn(), after one warm-up call: the median of at least `reps` calls, more
+    until they add up to `min_seconds` (a fast row timed over a fraction of a second would catch whatever spell of
+    speed the machine is in; the median ignores a slow call)."""
     fn()
     with FlopCounterMode(display=False) as fc:
         fn()
-    sync(device)
-    t0 = time.perf_counter()
-    for _ in range(reps):
+    times = []
+    while len(times) < reps or sum(times) < min_seconds:
+        sync(device)
+        t0 = time.perf_counter()
         fn()
-    sync(device)
-    return (time.perf_counter() - t0) / reps, fc.get_total_flops() / 1e9
+        sync(device)
+        times.append(time.perf_counter() - t0)
+    return float(np.median(times)), fc.get_total_flops() / 1e9
 
 
 def peak_mem_mb(device):
@@ -114,10 +118,12 @@ def main(argv=None):
     p = parser(__doc__.split("\n")[0], "bench.py")
     p.add_argument("--num", type=int, default=4, help="clips per sampling call")
     p.add_argument("--long", type=int, default=0, help="also stream the student for this many frames (1 + ft*k)")
+    p.add_argument("--min-seconds", type=float, default=2.0, help="time each row for at least this long (its median "
+                   "call is reported)")
     args = p.parse_args(argv)
     cfg = config_from_args(args)
     check_config(p, cfg)
-    check_flags(p, args, {"num": "[1, 1e4]", "long": "[0, 1e6]", "seed": SEED})
+    check_flags(p, args, {"num": "[1, 1e4]", "long": "[0, 1e6]", "min_seconds": "[0, 1e4]", "seed": SEED})
     check_device(p, args.device)
     if args.long and (args.long - 1) % cfg.ft:
         p.error(f"--long {args.long}: allowed 0 (off) or 1 + {cfg.ft}*k frames")
@@ -148,7 +154,7 @@ def main(argv=None):
     print(f"{'what':40s} {'s/call':>8s} {'frames/s':>9s} {'GFLOP/s':>8s} {'of peak':>8s} {'fwd/frame':>9s} {'peak MB':>8s}")
 
     def row(name, fn, frames, fwd_per_frame=""):
-        sec, gflop = timed(fn, device, reps=2)
+        sec, gflop = timed(fn, device, reps=2, min_seconds=args.min_seconds)
         print(f"{name:40s} {sec:8.3f} {frames / sec:9.1f} {gflop / sec:8.1f} {gflop / sec / peak:8.1%} "
               f"{fwd_per_frame!s:>9s} {peak_mem_mb(device):8.0f}", flush=True)
 

@@ -142,12 +142,25 @@ def test_stream_table_of_the_dmd_generator(dmd_run, small_nets, monkeypatch, cap
 
 def test_bench_prints_a_row_per_method(capsys):
     import bench
-    bench.main(["--config", "tiny", "--num", "1", "--device", "cpu", "--long", "13"])
+    bench.main(["--config", "tiny", "--num", "1", "--device", "cpu", "--long", "13", "--min-seconds", "0"])
     out = capsys.readouterr().out
     for name in ("tokenizer encode + decode", "tokenizer encode + quantize", "tokenizer decode", "sample ar",
                  "sample teacher 25", "sample teacher 50", "sample student", "sample dmd", "train tokenizer", "train ar",
                  "train teacher", "train causal", "long video"):
         assert name in out, (name, out)
+
+
+def test_timed_reports_the_median_call_over_at_least_min_seconds():
+    import time
+    import bench
+    calls = []
+
+    def fn():    # two warm-up calls (the second counts flops), then 9 ms per call with one slow outlier
+        calls.append(1)
+        time.sleep(0.05 if len(calls) == 4 else 0.009)
+    sec, _ = bench.timed(fn, "cpu", reps=2, min_seconds=0.1)
+    assert 6 <= len(calls) - 2 <= 7                      # 0.05 + 5 or 6 x 0.009 s: past min_seconds, not reps=2
+    assert sec == pytest.approx(0.009, abs=0.004)         # the median (the mean would be ~0.015)
 
 
 @pytest.mark.parametrize("slower_end", [0.0, 0.5])
