@@ -74,9 +74,10 @@ class Config:
     frame_mask: float = _f(0.1, "Random Frame Mask: chance that an earlier frame is hidden from a later one; 0 = off")
     ordered_prompt: int = _f(1, "1: a prompt lists the digits left to right and each place has its own embeddings "
                                 "(model.Transformer.condition); 0: an order-free bag of digits")
-    teacher_cfg: float = _f(3.0, "classifier-free guidance weight of the teacher's sampler: sample.py --method "
-                                 "teacher's default, the teacher's curve and GIF, --causal-data teacher's clips (the "
-                                 "small run's teacher: 3 -> 6 lifts semantic 0.64 -> 0.75; docs/RESULTS.md)")
+    teacher_cfg: float = _f(6.0, "classifier-free guidance weight of the teacher's sampler: sample.py --method "
+                                 "teacher's default, the teacher's curve and GIF, --causal-data teacher's clips (3 -> "
+                                 "6 lifts semantic 0.64 -> 0.75 on the small run's teacher, 0.45 -> 0.54 on a toy "
+                                 "one; docs/RESULTS.md)")
     cond_drop: float = _f(0.1, "chance that a clip's prompt is replaced by the null condition (for CFG)")
     # paper B: prediction units, flow-matching teacher, causal student (train.py --stage teacher / causal)
     unit: str = _f("cube", "prediction unit of the causal student: frame, keydetail, cube or scale")
@@ -168,7 +169,7 @@ PRESETS = {
     # x 32 single frames: docs/RESULTS.md, 2026-12-03 placement bench): every stage, DMD too, in under 2 hours on
     # 2 cores (docs/RESULTS.md, 2026-12-07)
     "small": dict(num_digits=1, speed=1.5, tok_steps=3000, ar_steps=4000, ar_batch=8, fm_steps=12000,
-                  causal_steps=2000, dmd_steps=400, image_frac=0.5, eval_every=1000, teacher_cfg=6.0),
+                  causal_steps=2000, dmd_steps=400, image_frac=0.5, eval_every=1000),
     "toy-d4": dict(down=4, z_channels=8, scales="1,2,3,4,6,8,12,16", tok_steps=4000, eval_every=1000),
     # the toy run with a 4x-compression tokenizer: 28 / 24 dB in 5 min (README), but 530 tokens per latent frame
     # instead of 85, so its generator stages take hours on a CPU

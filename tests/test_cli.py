@@ -74,7 +74,7 @@ def test_teacher_samples_at_the_runs_teacher_cfg(run, tmp_path):
     for f in ("tokenizer.pt", "teacher.pt"):
         shutil.copy(run / f, tmp_path)
     state = torch.load(tmp_path / "teacher.pt", weights_only=False)
-    state["config"]["teacher_cfg"] = 6.0
+    state["config"]["teacher_cfg"] = 4.5                  # not Config's default: the run's own value is used
     torch.save(state, tmp_path / "teacher.pt")
 
     def clips(ckpt, *flags):
@@ -83,8 +83,8 @@ def test_teacher_samples_at_the_runs_teacher_cfg(run, tmp_path):
                      "--device", "cpu", *flags])
         return np.load(npy)
     default = clips(tmp_path)
-    assert np.array_equal(default, clips(tmp_path, "--cfg", "6"))
-    assert not np.array_equal(default, clips(tmp_path, "--cfg", "3"))
+    assert np.array_equal(default, clips(tmp_path, "--cfg", "4.5"))
+    assert not np.array_equal(default, clips(tmp_path, "--cfg", "6"))
 
 
 @pytest.mark.parametrize("method, flag", [("ar", ["--steps", "4"]), ("teacher", ["--temperature", "0.5"]),
