@@ -157,7 +157,9 @@ def main(argv=None):
         sec, gflop = timed(fn, device, reps=2, min_seconds=args.min_seconds)
         print(f"{name:40s} {sec:8.3f} {frames / sec:9.1f} {gflop / sec:8.1f} {gflop / sec / peak:8.1%} "
               f"{fwd_per_frame!s:>9s} {peak_mem_mb(device):8.0f}", flush=True)
+        return frames / sec
 
+    fps = {}   # frames/s of the sampler rows the closing line compares
     with torch.no_grad(), amp():
         clips = data.to_model(data.moving_mnist(n, data.load_digits(cfg.data_dir or None, verbose=False), "test",
                                                 data.mm_config(cfg), seed=0)[0], device)
@@ -169,9 +171,10 @@ def main(argv=None):
         row("sample ar (CFG 3)", lambda: tok.decode(generate_ar(ar, tok, prompts, n_latent, gen, progress=False)),
             n * cfg.frames, f"{len(tok.scales) * n_latent / cfg.frames:.2f}")
         for steps in (25, 50):
-            row(f"sample teacher {steps} steps (CFG 3)",
+            fps[f"teacher{steps}"] = row(
+                f"sample teacher {steps} steps (CFG {cfg.teacher_cfg:g})",
                 lambda: tok.decode(fstats.denormalize(generate_teacher(flow, prompts, n_latent, fside, fc, gen,
-                                                                       steps, progress=False))),
+                                                                       steps, cfg.teacher_cfg, progress=False))),
                 n * cfg.frames, f"{steps / cfg.frames:.2f}")
         units = len(stream_layout(cfg.unit, n_latent, n_latent, fside, **cfg.unit_kwargs()))
         row(f"sample student {cfg.unit} 4 steps (CFG 3)",
@@ -179,11 +182,13 @@ def main(argv=None):
                                                                    cfg.unit, cfg.unit_kwargs(), 4, progress=False))),
             n * cfg.frames, f"{units * 4 / cfg.frames:.2f}")
         for steps in (1, 4):   # the DMD generator: the student's architecture and sampler, few steps, no CFG
-            row(f"sample dmd {cfg.unit} {steps} steps (no CFG)",
+            fps[f"dmd{steps}"] = row(f"sample dmd {cfg.unit} {steps} steps (no CFG)",
                 lambda: tok.decode(fstats.denormalize(generate_student(flow, prompts, n_latent, n_latent, fside, fc,
                                                                        gen, cfg.unit, cfg.unit_kwargs(), steps,
                                                                        cfg_scale=1.0, progress=False))),
                 n * cfg.frames, f"{units * steps / cfg.frames:.2f}")
+    print(f"dmd 1 / 4 steps per unit against the teacher at 50 steps (paper B Table 1: 16.4 / 0.78 FPS = 21x): "
+          f"{fps['dmd1'] / fps['teacher50']:.1f}x / {fps['dmd4'] / fps['teacher50']:.1f}x frames/s")
     b = cfg.ar_batch
     for name, (fn, frames) in train_steps(cfg, tok.train(), ar, flow, device, b, amp, fstats).items():
         row(f"{name} (batch {b}, fwd+bwd)", fn, frames)

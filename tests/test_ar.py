@@ -70,6 +70,29 @@ def test_time_shift_leaves_outputs_unchanged(model):
                               model(x, Layout(pos, unit, level=level), prompt), atol=1e-3)
 
 
+def test_rope_turns_each_pair_by_its_axis_angle():
+    """Multi-scale Temporal RoPE: pair i of the t / h / w share of a head turns (x_2i, x_2i+1) by pos_axis *
+    base^(-i/n_axis) -- the written formula, against model.rope_angles + rope; and q.k depends on the offset only."""
+    from model import rope, rope_angles
+    torch.manual_seed(0)
+    d, base = 12, 100.0                      # D/2 = 6 pairs: t, h, w get 2 each
+    pos = torch.tensor([[0.0, 0.0, 0.0], [1.0, 2.5, 3.0], [4.0, 1.0, 0.5]])
+    x = torch.randn(2, 1, 3, d)
+    got = rope(x, rope_angles(pos, d, base))
+    want = torch.empty_like(x)
+    for li, p in enumerate(pos):
+        for i in range(d // 2):
+            axis, j = divmod(i, 2)
+            a = p[axis] * base ** (-j / 2)
+            x1, x2 = x[..., li, 2 * i], x[..., li, 2 * i + 1]
+            want[..., li, 2 * i], want[..., li, 2 * i + 1] = x1 * a.cos() - x2 * a.sin(), x1 * a.sin() + x2 * a.cos()
+    assert torch.allclose(got, want, atol=1e-5)
+    q, k = torch.randn(2, d), torch.randn(2, d)
+    dot = lambda shift: (rope(q[None, None, :1], rope_angles(pos[1:2] + shift, d, base)) *     # noqa: E731
+                         rope(k[None, None, :1], rope_angles(pos[2:3] + shift, d, base))).sum()
+    assert torch.allclose(dot(0.0), dot(torch.tensor([3.0, -2.0, 7.0])), atol=1e-4)
+
+
 @pytest.mark.parametrize("scales", [SCALES, (2, 4), (4,)])
 def test_sampling_loop_with_cache_equals_full_teacher_forced_forward(model, scales):
     """generate_ar, teacher-forced with given codes, must feed exactly what training feeds (one next-scale-input
