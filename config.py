@@ -74,6 +74,9 @@ class Config:
     frame_mask: float = _f(0.1, "Random Frame Mask: chance that an earlier frame is hidden from a later one; 0 = off")
     ordered_prompt: int = _f(1, "1: a prompt lists the digits left to right and each place has its own embeddings "
                                 "(model.Transformer.condition); 0: an order-free bag of digits")
+    ar_temperature: float = _f(0.6, "sampling temperature of paper A's model: sample.py --method ar's default, the ar "
+                                    "model's curve and GIF (1 -> 0.6 lifts semantic 0.23 -> 0.36 and consistency "
+                                    "0.10 -> 0.27 on the small run's clips; docs/RESULTS.md)")
     teacher_cfg: float = _f(6.0, "classifier-free guidance weight of the teacher's sampler: sample.py --method "
                                  "teacher's default, the teacher's curve and GIF, --causal-data teacher's clips (3 -> "
                                  "6 lifts semantic 0.64 -> 0.75 on the small run's teacher, 0.45 -> 0.54 on a toy "
@@ -224,7 +227,7 @@ LIMITS = {
     "image_frac": SHARE,
     "dmd_steps": STEPS, "dmd_lr": LR, "dmd_fake_lr": LR, "dmd_critic": "[1, 1000]",
     "dmd_fake": ("full", "forward", "backward", "symmetric", "composed"), "dmd_unit_steps": "[1, 1000]",
-    "dmd_t_min": SHARE, "dmd_t_max": SHARE, "dmd_cfg": "[0, 100]", "teacher_cfg": "[0, 100]", "dmd_ema": "[0, 1)",
+    "dmd_t_min": SHARE, "dmd_t_max": SHARE, "dmd_cfg": "[0, 100]", "teacher_cfg": "[0, 100]", "ar_temperature": "(0, 100]", "dmd_ema": "[0, 1)",
     "echo": "[1, 1000]", "eval_every": STEPS, "eval_clips": BATCH,
 }
 SEED = "[0, 4294967295]"   # numpy's seeds are 32-bit

@@ -155,7 +155,7 @@ def ar(args, base, cfg, tok, digits, nets):
             gen = torch.Generator(args.device).manual_seed(args.seed)
             with amp(args):
                 video = decode(tok, generate_ar(model, tok, prompts.to(args.device), 1 + (trained - 1) * mult, gen,
-                                                window=trained - 1, progress=False))
+                                                temperature=cfg.ar_temperature, window=trained - 1, progress=False))
             s = score(video, prompts, nets, digits, cfg.speed)
             tag = "" if mult == 1 else f" {mult}x"
             r.update({f"semantic{tag}": s["semantic"], f"consistency{tag}": s["consistency"], f"fvd_mm{tag}": s["fvd_mm"]})
@@ -163,7 +163,8 @@ def ar(args, base, cfg, tok, digits, nets):
         with torch.no_grad(), amp(args):
             codes = tok.quantize(tok.encode(data.to_model(truth[:, :ctx_frames], args.device)))[0]
             pred = decode(tok, generate_ar(model, tok, labels.to(args.device), 1 + (total - 1) // cfg.ft, gen,
-                                           context=codes, window=trained - 1, progress=False))[:, ctx_frames:]
+                                           temperature=cfg.ar_temperature, context=codes, window=trained - 1,
+                                           progress=False))[:, ctx_frames:]
         s = E.prediction_metrics(pred, truth[:, ctx_frames:])
         r.update({"cont. mse": s["mse"], "cont. ssim": s["ssim"],
                   "cont. semantic": score(pred, labels, nets, digits, cfg.speed)["semantic"]})
@@ -218,8 +219,8 @@ def scales(args, base, cfg, tok, digits, nets):
     for k in range(len(tok.scales) + 1):
         g = torch.Generator(args.device).manual_seed(args.seed)
         with torch.no_grad(), amp(args):
-            f_hat = generate_ar(model, tok, prompts, codes[0].shape[1], g, context=codes, context_scales=k,
-                                progress=False)
+            f_hat = generate_ar(model, tok, prompts, codes[0].shape[1], g, temperature=cfg.ar_temperature,
+                                context=codes, context_scales=k, progress=False)
         name = f"true scales {', '.join(map(str, tok.scales[:k]))}" if k else "all sampled"
         rows[name] = score(decode(tok, f_hat), prompts, nets, digits, cfg.speed)
     return rows, list(METRICS)

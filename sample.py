@@ -308,7 +308,7 @@ def sample_stage(stage, model, cfg, tok, stats, prompts, generator, frames, args
         channels, side = stats.shape(cfg.z_channels, tok.latent_side)
     with autocast(args.device, args.precision):
         if stage == "ar":
-            z = generate_ar(model, tok, prompts, n_latent, generator, progress=False)
+            z = generate_ar(model, tok, prompts, n_latent, generator, temperature=cfg.ar_temperature, progress=False)
         elif stage == "teacher":
             z = stats.denormalize(generate_teacher(model, prompts, n_latent, side, channels, generator,
                                                    cfg_scale=cfg.teacher_cfg, progress=False, shift=cfg.fm_shift))
@@ -359,7 +359,8 @@ def build_parser():
                         "for dmd, whose generator learnt the guided real score, 3 for the others)")
     p.add_argument("--cfg-schedule", choices=["constant", "linear"], default="constant",
                    help="CFG weight over scales: constant, or rising linearly to --cfg at the last scale")
-    p.add_argument("--temperature", type=float, default=1.0, help="sampling temperature")
+    p.add_argument("--temperature", type=float, default=None,
+                   help="sampling temperature (default: the run's --ar-temperature)")
     p.add_argument("--top-k", type=int, default=0, help="keep the k most likely codes (0 = all)")
     p.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass (1 = off)")
     p.add_argument("--window", type=int, default=-1, help="latent frames kept in the KV cache when generating "
@@ -549,8 +550,9 @@ def run_ar(p, args):
     prompts = parse_prompts(p, args, n, cfg.num_digits, gen).to(args.device) \
         if (args.prompt is not None or clip is None) else None
     cfg_scale = default_cfg("ar", cfg) if args.cfg is None else args.cfg
+    temperature = cfg.ar_temperature if args.temperature is None else args.temperature
     f_hat = generate_ar(model, tok, prompts, 1 + (frames - 1) // cfg.ft, gen, cfg_scale, args.cfg_schedule,
-                        args.temperature, args.top_k, args.top_p, context, window)
+                        temperature, args.top_k, args.top_p, context, window)
     return finish(data.from_model(tok.decode(f_hat), squeeze=False), clip, prompts)
 
 

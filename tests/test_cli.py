@@ -68,23 +68,28 @@ def test_sample_writes_clips_and_their_prompts(run, tmp_path, method, request):
     assert (tmp_path / f"{method}.gif").stat().st_size > 0
 
 
-def test_teacher_samples_at_the_runs_teacher_cfg(run, tmp_path):
-    """sample.py --method teacher without --cfg guides with the run's --teacher-cfg (read from teacher.pt's config)."""
+@pytest.mark.parametrize("method, stage, field, flag, value, other", [
+    ("teacher", "teacher", "teacher_cfg", "--cfg", 4.5, "6"),
+    ("ar", "ar", "ar_temperature", "--temperature", 0.3, "1")])
+def test_sampler_defaults_are_the_runs_own(run, tmp_path, method, stage, field, flag, value, other):
+    """sample.py without --cfg (teacher) or --temperature (ar) samples at the run's --teacher-cfg / --ar-temperature
+    (read from the checkpoint's config), not at Config's default."""
     import torch
-    for f in ("tokenizer.pt", "teacher.pt"):
+    for f in ("tokenizer.pt", f"{stage}.pt"):
         shutil.copy(run / f, tmp_path)
-    state = torch.load(tmp_path / "teacher.pt", weights_only=False)
-    state["config"]["teacher_cfg"] = 4.5                  # not Config's default: the run's own value is used
-    torch.save(state, tmp_path / "teacher.pt")
+    state = torch.load(tmp_path / f"{stage}.pt", weights_only=False)
+    state["config"][field] = value                        # not Config's default: the run's own value is used
+    torch.save(state, tmp_path / f"{stage}.pt")
 
-    def clips(ckpt, *flags):
+    def clips(*flags):
         npy = tmp_path / f"{len(list(tmp_path.glob('*.npy')))}.npy"
-        sample.main(["--ckpt", str(ckpt), "--method", "teacher", "--num", "2", "--steps", "2", "--npy", str(npy),
+        steps = ["--steps", "2"] if method == "teacher" else []
+        sample.main(["--ckpt", str(tmp_path), "--method", method, "--num", "2", *steps, "--npy", str(npy),
                      "--device", "cpu", *flags])
         return np.load(npy)
-    default = clips(tmp_path)
-    assert np.array_equal(default, clips(tmp_path, "--cfg", "4.5"))
-    assert not np.array_equal(default, clips(tmp_path, "--cfg", "6"))
+    default = clips()
+    assert np.array_equal(default, clips(flag, str(value)))
+    assert not np.array_equal(default, clips(flag, other))
 
 
 @pytest.mark.parametrize("method, flag", [("ar", ["--steps", "4"]), ("teacher", ["--temperature", "0.5"]),
