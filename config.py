@@ -227,7 +227,8 @@ LIMITS = {
     "image_frac": SHARE,
     "dmd_steps": STEPS, "dmd_lr": LR, "dmd_fake_lr": LR, "dmd_critic": "[1, 1000]",
     "dmd_fake": ("full", "forward", "backward", "symmetric", "composed"), "dmd_unit_steps": "[1, 1000]",
-    "dmd_t_min": SHARE, "dmd_t_max": SHARE, "dmd_cfg": "[0, 100]", "teacher_cfg": "[0, 100]", "ar_temperature": "(0, 100]", "dmd_ema": "[0, 1)",
+    "dmd_t_min": SHARE, "dmd_t_max": SHARE, "dmd_cfg": "[0, 100]", "teacher_cfg": "[0, 100]", "dmd_ema": "[0, 1)",
+    "ar_temperature": "(0, 100]",
     "echo": "[1, 1000]", "eval_every": STEPS, "eval_clips": BATCH,
 }
 SEED = "[0, 4294967295]"   # numpy's seeds are 32-bit

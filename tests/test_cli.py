@@ -68,18 +68,17 @@ def test_sample_writes_clips_and_their_prompts(run, tmp_path, method, request):
     assert (tmp_path / f"{method}.gif").stat().st_size > 0
 
 
-@pytest.mark.parametrize("method, stage, field, flag, value, other", [
-    ("teacher", "teacher", "teacher_cfg", "--cfg", 4.5, "6"),
-    ("ar", "ar", "ar_temperature", "--temperature", 0.3, "1")])
-def test_sampler_defaults_are_the_runs_own(run, tmp_path, method, stage, field, flag, value, other):
+@pytest.mark.parametrize("method, field, flag, value, other", [("teacher", "teacher_cfg", "--cfg", 4.5, "6"),
+                                                              ("ar", "ar_temperature", "--temperature", 0.3, "1")])
+def test_sampler_defaults_are_the_runs_own(run, tmp_path, method, field, flag, value, other):
     """sample.py without --cfg (teacher) or --temperature (ar) samples at the run's --teacher-cfg / --ar-temperature
     (read from the checkpoint's config), not at Config's default."""
     import torch
-    for f in ("tokenizer.pt", f"{stage}.pt"):
+    for f in ("tokenizer.pt", f"{method}.pt"):         # the checkpoints are named after the method here
         shutil.copy(run / f, tmp_path)
-    state = torch.load(tmp_path / f"{stage}.pt", weights_only=False)
+    state = torch.load(tmp_path / f"{method}.pt", weights_only=False)
     state["config"][field] = value                        # not Config's default: the run's own value is used
-    torch.save(state, tmp_path / f"{stage}.pt")
+    torch.save(state, tmp_path / f"{method}.pt")
 
     def clips(*flags):
         npy = tmp_path / f"{len(list(tmp_path.glob('*.npy')))}.npy"
