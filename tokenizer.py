@@ -64,10 +64,11 @@ class CausalConv3d(nn.Module):
         # (the layout _spatial leaves); on a CPU ~3x faster than conv3d's kernel for it. Same weights, same result.
         kt, (b, c, t, h, w) = self.conv.kernel_size[0], x.shape
         frames = x.permute(0, 2, 3, 4, 1)                                           # [B, T, H, W, C]
-        stacked = x.new_zeros(b, t, h, w, kt * c)                                   # [B, T, H, W, kt*C]
+        stacked = x.new_empty(b, t, h, w, kt * c)                                   # [B, T, H, W, kt*C]
         for k in range(kt):   # channel block k of frame i holds frame i - (kt-1-k); zeros before frame 0 (causal pad)
-            lag = kt - 1 - k
-            stacked[:, lag:, ..., k * c:(k + 1) * c] = frames[:, :t - lag]
+            lag, block = kt - 1 - k, stacked[..., k * c:(k + 1) * c]
+            block[:, :lag] = 0
+            block[:, lag:] = frames[:, :max(t - lag, 0)]
         weight = rearrange(self.conv.weight, "o c k 1 1 -> o (k c)")
         return F.linear(stacked, weight, self.conv.bias).permute(0, 4, 1, 2, 3)    # [B, C', T, H, W]
 

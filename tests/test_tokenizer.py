@@ -35,21 +35,22 @@ def test_encoder_is_causal():
         assert not torch.allclose(z2[:, :, holder], z[:, :, holder]), j
 
 
+@pytest.mark.parametrize("kt, t", [(3, 7), (4, 2)])   # (4, 2): fewer frames than the kernel's past
 @pytest.mark.parametrize("channels_last", [False, True])
-def test_temporal_conv_matmul_equals_conv3d(channels_last):
+def test_temporal_conv_matmul_equals_conv3d(channels_last, kt, t):
     """CausalConv3d over time only (kt x 1 x 1) runs as one matmul over stacked frames: the same output and gradients
     as conv3d on the causally padded input, whatever the input's memory layout."""
     import torch.nn.functional as F
     from tokenizer import CausalConv3d
     torch.manual_seed(0)
-    conv = CausalConv3d(6, 5, kt=3, ks=1)
-    x = torch.randn(2, 6, 7, 4, 3)
+    conv = CausalConv3d(6, 5, kt=kt, ks=1)
+    x = torch.randn(2, 6, t, 4, 3)
     if channels_last:
         x = x.contiguous(memory_format=torch.channels_last_3d)
     x.requires_grad_(True)
     out = conv(x)
     ref = F.conv3d(F.pad(x, conv.pad), conv.conv.weight, conv.conv.bias)
-    assert out.shape == ref.shape == (2, 5, 7, 4, 3) and torch.allclose(out, ref, atol=1e-5)
+    assert out.shape == ref.shape == (2, 5, t, 4, 3) and torch.allclose(out, ref, atol=1e-5)
     g = torch.randn_like(out)
     got = torch.autograd.grad(out, [x, conv.conv.weight], g)
     want = torch.autograd.grad(ref, [x, conv.conv.weight], g)
