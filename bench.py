@@ -168,7 +168,9 @@ def main(argv=None):
             n * cfg.frames)
         latent = tok.encode(clips)
         row("tokenizer decode (in every sample row below)", lambda: tok.decode(latent), n * cfg.frames)
-        row("sample ar (CFG 3)", lambda: tok.decode(generate_ar(ar, tok, prompts, n_latent, gen, progress=False)),
+        row(f"sample ar (CFG 3, temperature {cfg.ar_temperature:g})",
+            lambda: tok.decode(generate_ar(ar, tok, prompts, n_latent, gen, temperature=cfg.ar_temperature,
+                                           progress=False)),
             n * cfg.frames, f"{len(tok.scales) * n_latent / cfg.frames:.2f}")
         for steps in (25, 50):
             fps[f"teacher{steps}"] = row(
