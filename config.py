@@ -81,6 +81,9 @@ class Config:
                                  "teacher's default, the teacher's curve and GIF, --causal-data teacher's clips (3 -> "
                                  "6 lifts semantic 0.64 -> 0.75 on the small run's teacher, 0.45 -> 0.54 on a toy "
                                  "one; docs/RESULTS.md)")
+    ar_soft: float = _f(0.0, "paper A's labels: 0 = the quantizer's codes (cross-entropy on one code per token); "
+                             "> 0 = soft labels over the codes near the residual (Tokenizer.soft_codes) at this "
+                             "temperature, in units of the codebook's nearest-neighbour squared distance")
     cond_drop: float = _f(0.1, "chance that a clip's prompt is replaced by the null condition (for CFG)")
     # paper B: prediction units, flow-matching teacher, causal student (train.py --stage teacher / causal)
     unit: str = _f("cube", "prediction unit of the causal student: frame, keydetail, cube or scale")
@@ -228,7 +231,7 @@ LIMITS = {
     "dmd_steps": STEPS, "dmd_lr": LR, "dmd_fake_lr": LR, "dmd_critic": "[1, 1000]",
     "dmd_fake": ("full", "forward", "backward", "symmetric", "composed"), "dmd_unit_steps": "[1, 1000]",
     "dmd_t_min": SHARE, "dmd_t_max": SHARE, "dmd_cfg": "[0, 100]", "teacher_cfg": "[0, 100]", "dmd_ema": "[0, 1)",
-    "ar_temperature": "(0, 100]",
+    "ar_temperature": "(0, 100]", "ar_soft": "[0, 100]",
     "echo": "[1, 1000]", "eval_every": STEPS, "eval_clips": BATCH,
 }
 SEED = "[0, 4294967295]"   # numpy's seeds are 32-bit

@@ -320,6 +320,26 @@ class Tokenizer(nn.Module):
         rec = self.decode(rearrange(low, "(b t) c h w -> b c t h w", b=b))
         return F.mse_loss(rec, rearrange(target, "(b t) c h w -> b c t h w", b=b))
 
+    @torch.no_grad()
+    def soft_codes(self, z, inputs, tau):
+        """Soft labels for paper A's model: per scale, q_j proportional to exp(-(|r - e_j|^2 - min_i |r - e_i|^2) / T)
+        over the codebook, r the residual the quantizer looked up at that scale, T = tau * the median squared
+        distance of a code to its nearest other code. z [B,c,t,h,w] and the `inputs` quantize(z) returned
+        (area-downsampling is linear, so r_k = down(z, s_k) - inputs[k-1], error-corrected sums included) -> list over
+        scales of [B,t,s,s,V]."""
+        e = self.vq.codebook.float()
+        gap = torch.cdist(e, e).pow(2).fill_diagonal_(float("inf")).min(1).values.median()
+        f = rearrange(z.float(), "b c t h w -> b t c h w")
+        out = []
+        for k, s in enumerate(self.scales):
+            down = f if s == self.latent_side else F.interpolate(f.flatten(0, 1), size=s, mode="area").view(
+                *f.shape[:3], s, s)
+            r = down if k == 0 else down - inputs[k - 1].float()                            # [B,t,c,s,s]
+            d = torch.cdist(rearrange(r, "b t c h w -> b t h w c").flatten(0, 3), e).pow(2)   # [(B t s s), V]
+            q = torch.softmax(-(d - d.min(1, keepdim=True).values) / (tau * gap), 1)
+            out.append(q.view(*r.shape[:2], s, s, -1))
+        return out
+
     def codes_to_fhat(self, codes):
         """codes: list over scales of [B,t,s,s] -> f_hat [B,c,t,h,w]."""
         b = codes[0].shape[0]

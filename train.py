@@ -544,6 +544,11 @@ def train_ar(cfg, args, digits, out, tok):
                 with torch.no_grad():   # error correction: fresh corruption at every use of an echoed clip
                     codes, inputs, f_hat, _ = tok.quantize(z, corrupt=corrupt)
                 x, y = ar_sequence(inputs, codes, f_hat)   # f_hat: the corrupted sum, the later frames' context
+                target = y.flatten()
+                if cfg.ar_soft > 0:   # [B,L,V] in ar_sequence's order: frame-major, then scale
+                    soft = tok.soft_codes(z, inputs, cfg.ar_soft)
+                    target = torch.cat([soft[k][:, f].flatten(1, 2) for f in range(n_latent)
+                                        for k in range(len(soft))], 1).flatten(0, 1)
                 drop = torch.rand(len(x), generator=gen, device=device) < cfg.cond_drop
                 shard_layout = layout
                 if cfg.frame_mask > 0 and n_latent > 1:
@@ -551,7 +556,7 @@ def train_ar(cfg, args, digits, out, tok):
                     x = hide_previous(x, prev)
                     shard_layout = replace(layout, hide=hide)
                 logits = fwd(x, shard_layout, prompt, drop=drop)
-                loss = F.cross_entropy(logits.flatten(0, 1), y.flatten())
+                loss = F.cross_entropy(logits.flatten(0, 1), target)
             hits.append((logits.argmax(-1) == y).float().mean())
             return loss
 

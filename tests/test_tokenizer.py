@@ -125,6 +125,24 @@ def test_coarse_loss_sees_only_what_its_scale_can_carry():
     assert not torch.allclose(tok.coarse_loss(x, shifted, k), base, atol=1e-4)
 
 
+def test_soft_codes_peak_at_the_codes_the_quantizer_chose():
+    """Soft labels (--ar-soft): at every scale a distribution over the codebook whose most likely code is the one
+    quantize() chose -- also when error correction re-quantized the later scales from a corrupted sum, so the
+    residuals are rebuilt from `inputs` as the quantizer saw them; lower temperature, sharper labels."""
+    tok = tiny().train()
+    z = tok.encode(torch.rand(2, 1, 5, 64, 64) * 2 - 1)
+    tok.quantize(z)                                   # initialises the codebook from the data
+    tok.eval()
+    gen = torch.Generator().manual_seed(0)
+    corrupt = lambda idx, k: torch.randint(0, 64, idx.shape, generator=gen) if k < 2 else idx
+    codes, inputs, _, _ = tok.quantize(z, corrupt=corrupt)
+    soft, sharp = tok.soft_codes(z, inputs, 1.0), tok.soft_codes(z, inputs, 0.1)
+    for c, q, q_sharp in zip(codes, soft, sharp):
+        assert q.shape == (*c.shape, 64) and torch.allclose(q.sum(-1), torch.ones(c.shape))
+        assert torch.equal(q.argmax(-1), c)
+        assert (q_sharp.max(-1).values >= q.max(-1).values - 1e-6).all()
+
+
 def test_lookup_is_the_nearest_code():
     tok = tiny()
     r = torch.randn(3, 8, 4, 4)
