@@ -130,6 +130,22 @@ def test_coarse_loss_flag_changes_the_tokenizer_objective(run, tmp_path):
     assert losses(tmp_path)[1] > losses(run)[1] + 1e-3
 
 
+def test_soft_labels_become_the_codes_as_their_temperature_falls(run, tmp_path):
+    """--ar-soft T trains paper A's model on soft labels over the codes near each residual: at T -> 0 they are the
+    quantizer's codes (the losses of --ar-soft 0, one-hot labels); at T = 0.5 the training differs. (Step 1 cannot
+    tell: the zero-initialised head predicts uniform codes, whose cross-entropy is ln V against any labels.)"""
+    third = {}
+    for t in ("0", "1e-6", "0.5"):
+        d = tmp_path / t
+        d.mkdir()
+        shutil.copy(run / "tokenizer.pt", d)
+        train.main(TINY[:3] + ["ar", "--ar-steps", "3", "--eval-every", "3", "--warmup", "0", "--ar-soft", t,
+                               "--device", "cpu", "--out", str(d)])
+        third[t] = losses(d, "ar")[3]
+    assert third["1e-6"] == pytest.approx(third["0"], rel=1e-5)
+    assert abs(third["0.5"] - third["0"]) > 1e-3
+
+
 def test_compile_flag_sends_every_training_forward_through_torch_compile(tmp_path, monkeypatch):
     """--compile is not a no-op: each stage's training forward runs through torch.compile (a spy here; the real
     compiler is the slow test below), and without the flag nothing is compiled."""
