@@ -183,6 +183,12 @@ def frame_context(f_prev, scales):
                       for s in scales], 1)
 
 
+def frame_scale_order(maps):
+    """Per-scale maps [B,t,s_k,s_k,...] (codes, or soft labels over codes) laid out in `frame_scale_layout` order:
+    frame-major, then scale -> [B,L,...]."""
+    return torch.cat([m[:, f].flatten(1, 2) for f in range(maps[0].shape[1]) for m in maps], 1)
+
+
 def ar_sequence(inputs, codes, f_hat):
     """Paper A teacher forcing: lay the tokenizer's outputs out in `frame_scale_layout` order.
 
@@ -196,14 +202,13 @@ def ar_sequence(inputs, codes, f_hat):
     prev = torch.cat([torch.zeros_like(f_hat[:, :, :1]), f_hat[:, :, :-1]], 2)            # frame t sees t-1
     ctx = rearrange(frame_context(rearrange(prev, "b c t h w -> (b t) c h w"), [i.shape[-1] for i in codes]),
                     "(b t) l c -> b t l c", b=b)
-    xs, ys = [], []
+    xs = []
     for f in range(n_latent):
         for k, idx in enumerate(codes):
-            ys.append(idx[:, f].flatten(1))
             xs.append(f_hat.new_zeros(b, idx[0, 0].numel(), c) if k == 0
                       else rearrange(inputs[k - 1][:, f], "b c h w -> b (h w) c"))
     x = torch.cat(xs, 1)
-    return torch.cat([x, rearrange(ctx, "b t l c -> b (t l) c").to(x.dtype)], -1), torch.cat(ys, 1)
+    return torch.cat([x, rearrange(ctx, "b t l c -> b (t l) c").to(x.dtype)], -1), frame_scale_order(codes)
 
 
 # ---------------------------------------------------------------------------------------------------- RoPE

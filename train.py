@@ -32,7 +32,8 @@ from checkpoint import (build_ar, build_tokenizer, check_tokenizer, load_checkpo
                         tokenizer_id, trained_weights)
 from config import (SEED, CheckError, autocast, check_config, check_device, check_flags, check_path, config_from_args,
                     one_line_errors, parser, seed_everything)
-from model import Layout, Transformer, ar_sequence, flow_pair, flow_times, frame_scale_layout, partition, unit_layout
+from model import (Layout, Transformer, ar_sequence, flow_pair, flow_times, frame_scale_layout, frame_scale_order,
+                   partition, unit_layout)
 from sample import generate_teacher, random_prompts, reconstruct, sample_stage, write_sample_gif
 from tokenizer import LatentStats
 
@@ -544,11 +545,8 @@ def train_ar(cfg, args, digits, out, tok):
                 with torch.no_grad():   # error correction: fresh corruption at every use of an echoed clip
                     codes, inputs, f_hat, _ = tok.quantize(z, corrupt=corrupt)
                 x, y = ar_sequence(inputs, codes, f_hat)   # f_hat: the corrupted sum, the later frames' context
-                target = y.flatten()
-                if cfg.ar_soft > 0:   # [B,L,V] in ar_sequence's order: frame-major, then scale
-                    soft = tok.soft_codes(z, inputs, cfg.ar_soft)
-                    target = torch.cat([soft[k][:, f].flatten(1, 2) for f in range(n_latent)
-                                        for k in range(len(soft))], 1).flatten(0, 1)
+                target = y.flatten() if cfg.ar_soft == 0 else \
+                    frame_scale_order(tok.soft_codes(z, inputs, cfg.ar_soft)).flatten(0, 1)   # [(B L), V]
                 drop = torch.rand(len(x), generator=gen, device=device) < cfg.cond_drop
                 shard_layout = layout
                 if cfg.frame_mask > 0 and n_latent > 1:
