@@ -81,10 +81,10 @@ class Config:
                                  "teacher's default, the teacher's curve and GIF, --causal-data teacher's clips (3 -> "
                                  "6 lifts semantic 0.64 -> 0.75 on the small run's teacher, 0.45 -> 0.54 on a toy "
                                  "one; docs/RESULTS.md)")
-    ar_soft: float = _f(0.5, "paper A's labels: soft labels over the codes near each token's residual "
+    ar_soft: float = _f(2.0, "paper A's labels: soft labels over the codes near each token's residual "
                              "(Tokenizer.soft_codes) at this temperature, in units of the codebook's nearest-neighbour "
-                             "squared distance; 0 = the quantizer's codes, one-hot (0 -> 0.5 lifts the small run's "
-                             "ar model 0.31 -> 0.62 semantic at 4000 steps; docs/RESULTS.md)")
+                             "squared distance; 0 = the quantizer's codes, one-hot (0 -> 0.5 -> 2 lifts the small "
+                             "run's ar model 0.31 -> 0.62 -> 0.71 semantic at 4000 steps; docs/RESULTS.md)")
     cond_drop: float = _f(0.1, "chance that a clip's prompt is replaced by the null condition (for CFG)")
     # paper B: prediction units, flow-matching teacher, causal student (train.py --stage teacher / causal)
     unit: str = _f("cube", "prediction unit of the causal student: frame, keydetail, cube or scale")

@@ -321,14 +321,19 @@ class Tokenizer(nn.Module):
         return F.mse_loss(rec, rearrange(target, "(b t) c h w -> b c t h w", b=b))
 
     @torch.no_grad()
-    def soft_codes(self, z, inputs, tau):
+    def code_spacing(self):
+        """The median squared distance of a code to its nearest other code: soft_codes' unit of temperature."""
+        e = self.vq.codebook.float()
+        return torch.cdist(e, e).pow(2).fill_diagonal_(float("inf")).min(1).values.median()
+
+    def soft_codes(self, z, inputs, tau, spacing=None):
         """Soft labels for paper A's model: per scale, q_j proportional to exp(-(|r - e_j|^2 - min_i |r - e_i|^2) / T)
-        over the codebook, r the residual the quantizer looked up at that scale, T = tau * the median squared
-        distance of a code to its nearest other code. z [B,c,t,h,w] and the `inputs` quantize(z) returned
+        over the codebook, r the residual the quantizer looked up at that scale, T = tau * code_spacing() (pass
+        `spacing` to skip recomputing it for a frozen codebook). z [B,c,t,h,w] and the `inputs` quantize(z) returned
         (area-downsampling is linear, so r_k = down(z, s_k) - inputs[k-1], error-corrected sums included) -> list over
         scales of [B,t,s,s,V]."""
         e = self.vq.codebook.float()
-        gap = torch.cdist(e, e).pow(2).fill_diagonal_(float("inf")).min(1).values.median()
+        gap = self.code_spacing() if spacing is None else spacing
         f = rearrange(z.float(), "b c t h w -> b t c h w")
         out = []
         for k, s in enumerate(self.scales):

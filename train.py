@@ -518,6 +518,7 @@ def train_ar(cfg, args, digits, out, tok):
         return ema.model.eval()
     tok = tok.to(device).eval().requires_grad_(False)
     tok_id = tokenizer_id(tok)
+    spacing = tok.code_spacing()                     # the frozen codebook's: soft labels' temperature unit
     clip_latent = 1 + (cfg.frames - 1) // cfg.ft     # latent frames of a training clip
     n_image = image_steps(cfg, cfg.ar_steps)
     layouts = {}    # n latent frames -> Layout (forward mask; level = scale index), frame [L] (latent frame index)
@@ -546,7 +547,7 @@ def train_ar(cfg, args, digits, out, tok):
                     codes, inputs, f_hat, _ = tok.quantize(z, corrupt=corrupt)
                 x, y = ar_sequence(inputs, codes, f_hat)   # f_hat: the corrupted sum, the later frames' context
                 target = y.flatten() if cfg.ar_soft == 0 else \
-                    frame_scale_order(tok.soft_codes(z, inputs, cfg.ar_soft)).flatten(0, 1)   # [(B L), V]
+                    frame_scale_order(tok.soft_codes(z, inputs, cfg.ar_soft, spacing)).flatten(0, 1)   # [(B L), V]
                 drop = torch.rand(len(x), generator=gen, device=device) < cfg.cond_drop
                 shard_layout = layout
                 if cfg.frame_mask > 0 and n_latent > 1:
