@@ -173,8 +173,8 @@ PRESETS = {
     "toy": dict(num_digits=1, speed=1.5, tok_steps=1600, ar_steps=300, ar_batch=8, fm_steps=6000, causal_steps=800,
                 image_frac=0.33, eval_every=1000),
     # the toy's data, model and tokenizer with the budget paper A's model needs to draw digits anywhere: 8000 ar
-    # steps (4000 x 32 single frames, 4000 x 8 clips: semantic 0.83; 4000 steps in all: 0.62; docs/RESULTS.md,
-    # 2026-12-07, ninth session); every stage, DMD too, in under 2 hours on 2 cores
+    # steps (4000 x 32 single frames, 4000 x 8 clips: semantic 0.81, first frame 0.86; 4000 steps in all: 0.71);
+    # every stage, DMD too, in 54 minutes on 2 cores (docs/RESULTS.md, 2026-12-07, tenth session)
     "small": dict(num_digits=1, speed=1.5, tok_steps=3000, ar_steps=8000, ar_batch=8, fm_steps=12000,
                   causal_steps=2000, dmd_steps=400, image_frac=0.5, eval_every=1000),
     "toy-d4": dict(down=4, z_channels=8, scales="1,2,3,4,6,8,12,16", tok_steps=4000, eval_every=1000),
