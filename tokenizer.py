@@ -326,6 +326,7 @@ class Tokenizer(nn.Module):
         e = self.vq.codebook.float()
         return torch.cdist(e, e).pow(2).fill_diagonal_(float("inf")).min(1).values.median()
 
+    @torch.no_grad()
     def soft_codes(self, z, inputs, tau, spacing=None):
         """Soft labels for paper A's model: per scale, q_j proportional to exp(-(|r - e_j|^2 - min_i |r - e_i|^2) / T)
         over the codebook, r the residual the quantizer looked up at that scale, T = tau * code_spacing() (pass
