@@ -112,6 +112,10 @@ class Config:
     image_frac: float = _f(0.5, "paper A multi-stage training, for the ar model and the teacher: share of the steps "
                                 "trained on single images (one latent frame, batch x latent frames, so the same "
                                 "tokens per step) before clips; 0 = clips only")
+    image_mix: float = _f(0.0, "joint image + clip batches in the clip stage of paper A's recipe (after --image-frac; "
+                               "ar model and teacher): each step also trains on this share of its clips' latent "
+                               "frames as single images (0.25: 8 images beside 8 clips of 4 latent frames, 25%% more "
+                               "tokens), so the first frame keeps learning while the clips do; 0 = off")
     # paper B Sec. 3.3: Symmetric DMD, the causal student distilled into a few-step generator (train.py --stage dmd)
     dmd_steps: int = _f(500, "DMD generator updates")
     dmd_lr: float = _f(3e-4, "DMD generator learning rate (paper B's stage 2: 2e-6 at 1.3B)")
@@ -228,7 +232,7 @@ LIMITS = {
     "fm_steps": STEPS, "causal_steps": STEPS, "causal_data": ("real", "teacher"), "fm_batch": BATCH, "fm_lr": LR,
     "causal_lr": LR, "fm_patch": "[1, 256]",
     "fm_norm": ("channel", "global"), "fm_time": ("uniform", "logitnormal"), "fm_shift": "(0, 1000]",
-    "image_frac": SHARE,
+    "image_frac": SHARE, "image_mix": "[0, 4]",
     "dmd_steps": STEPS, "dmd_lr": LR, "dmd_fake_lr": LR, "dmd_critic": "[1, 1000]",
     "dmd_fake": ("full", "forward", "backward", "symmetric", "composed"), "dmd_unit_steps": "[1, 1000]",
     "dmd_t_min": SHARE, "dmd_t_max": SHARE, "dmd_cfg": "[0, 100]", "teacher_cfg": "[0, 100]", "dmd_ema": "[0, 1)",

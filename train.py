@@ -61,10 +61,11 @@ def lr_at(step, total, peak, warmup):
     return peak * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * (step - warmup) / max(1, total - warmup))))
 
 
-def batch_seed(seed, stage, step, shard=0):
+def batch_seed(seed, stage, step, shard=0, stream=0):
     """Micro-batch `shard` of batch `step` of a stage is a pure function of (seed, stage, step, shard): resuming
-    replays the same data, and each rank draws its own shards (see `shards`)."""
-    return (seed * 1_000_003 + STAGES.index(stage) * 10_007 + step + shard * 1_000_000_007) % 2 ** 63
+    replays the same data, and each rank draws its own shards (see `shards`). `stream` 1: a second, independent
+    stream of data in the same step (--image-mix's images beside the clips)."""
+    return (seed * 1_000_003 + STAGES.index(stage) * 10_007 + step + shard * 1_000_000_007 + stream * 2 ** 42) % 2 ** 63
 
 
 def adamw(params, lr, cfg, weight_decay):
@@ -149,13 +150,14 @@ class Echo:
         return tuple(torch.cat([a, p[idx.to(p.device)]]) for a, p in zip(new, pool))
 
 
-def encoded_clips(cfg, args, digits, tok, stage, n_image, shard, prepare=lambda z: z):
+def encoded_clips(cfg, args, digits, tok, stage, n_image, shard, prepare=lambda z: z, stream=0):
     """fresh(step, m) for Echo: m training clips of micro-batch `shard` of a generator stage's step (single images
-    in paper A's image stage, steps < n_image), encoded by the frozen tokenizer -> (prepare(z) [m,...], labels [m,n])."""
+    in paper A's image stage, steps < n_image), encoded by the frozen tokenizer -> (prepare(z) [m,...], labels [m,n]).
+    `stream`: batch_seed's."""
     @torch.no_grad()
     def fresh(s, m):
         video, labels = data.moving_mnist(m, digits, "train", data.mm_config(cfg, 1 if s < n_image else None),
-                                          seed=batch_seed(args.seed, stage, s, shard))
+                                          seed=batch_seed(args.seed, stage, s, shard, stream))
         with autocast(args.device, args.precision):
             z = tok.encode(data.to_model(video, args.device)).float()
         return prepare(z), torch.from_numpy(labels).to(args.device)
@@ -178,6 +180,21 @@ def teacher_clips(cfg, args, teacher, stats, clip_latent, shard):
                                  progress=False, shift=cfg.fm_shift)
         return z.float(), prompts
     return fresh
+
+
+def joint_mean(term, echo, mixed, step, batch, n_latent, n_mixed, n_image, generator):
+    """A micro-batch's loss in paper A's multi-stage recipe: term(z, prompt, n_latent, generator) -> (loss summed
+    over tokens, number of tokens) on the step's `batch` samples of `n_latent` latent frames from `echo` (single
+    images before step n_image, clips after); in the clip stage, with --image-mix, `n_mixed` single images from the
+    Echo `mixed` join them (joint image + clip batches). -> the mean over all their tokens."""
+    image = step < n_image
+    z, prompt = echo.batch(step, batch, 0 if image else n_image, generator)
+    total, count = term(z, prompt, n_latent, generator)
+    if mixed is not None and not image:
+        z, prompt = mixed.batch(step, n_mixed, n_image, generator)
+        more, n = term(z, prompt, 1, generator)
+        total, count = total + more, count + n
+    return total / count
 
 
 def heldout_clips(cfg, digits, n, frames=None, seed=1234):
@@ -521,43 +538,47 @@ def train_ar(cfg, args, digits, out, tok):
     spacing = tok.code_spacing()                     # the frozen codebook's: soft labels' temperature unit
     clip_latent = 1 + (cfg.frames - 1) // cfg.ft     # latent frames of a training clip
     n_image = image_steps(cfg, cfg.ar_steps)
+    n_mixed = round(cfg.image_mix * micro(cfg.ar_batch, args) * clip_latent)   # images beside each clip batch
     layouts = {}    # n latent frames -> Layout (forward mask; level = scale index), frame [L] (latent frame index)
-    for n in ({1, clip_latent} if n_image else {clip_latent}):
+    for n in ({1, clip_latent} if n_image or n_mixed else {clip_latent}):
         pos, unit, frame = (a.to(device) for a in frame_scale_layout(n, tok.scales, tok.latent_side))
         layouts[n] = Layout(pos, unit, level=unit % len(tok.scales)), frame
     held, held_labels = heldout_clips(cfg, digits, cfg.eval_clips)
     curve = Curve(out, "ar", args, state, cfg, digits)
     fwd = compiled(model, args)
     echoes = {s: Echo(encoded_clips(cfg, args, digits, tok, "ar", n_image, s), cfg.echo) for s in shards(args)}
+    mixed = {s: Echo(encoded_clips(cfg, args, digits, tok, "ar", cfg.ar_steps, s, stream=1), cfg.echo)
+             for s in shards(args)} if n_mixed else {}   # --image-mix: single images beside the clips
     bar = tqdm(range(step, cfg.ar_steps), desc="ar", initial=step, total=cfg.ar_steps, dynamic_ncols=True,
                disable=not is_main())
     for step in bar:
         image = step < n_image   # paper A stage 1: one latent frame per sample, `clip_latent` x the batch
         batch = micro(cfg.ar_batch, args)
         n_latent, batch = (1, batch * clip_latent) if image else (clip_latent, batch)
-        layout, frame = layouts[n_latent]
         hits = []
+
+        def ce_of(z, prompt, n_latent, gen):   # -> cross-entropy summed over the tokens of z's L tokens, B*L
+            layout, frame = layouts[n_latent]
+            corrupt = error_correction(cfg.ec_strength, n_latent, cfg.vocab, gen) if cfg.ec_strength > 0 else None
+            with torch.no_grad():   # error correction: fresh corruption at every use of an echoed clip
+                codes, inputs, f_hat, _ = tok.quantize(z, corrupt=corrupt)
+            x, y = ar_sequence(inputs, codes, f_hat)   # f_hat: the corrupted sum, the later frames' context
+            target = y.flatten() if cfg.ar_soft == 0 else \
+                frame_scale_order(tok.soft_codes(z, inputs, cfg.ar_soft, spacing)).flatten(0, 1)   # [(B L), V]
+            drop = torch.rand(len(x), generator=gen, device=device) < cfg.cond_drop
+            if cfg.frame_mask > 0 and n_latent > 1:
+                hide, prev = random_frame_mask(cfg.frame_mask, frame, len(x), gen)
+                x = hide_previous(x, prev)
+                layout = replace(layout, hide=hide)
+            logits = fwd(x, layout, prompt, drop=drop)
+            hits.append((logits.argmax(-1) == y).float().mean())
+            return F.cross_entropy(logits.flatten(0, 1), target, reduction="sum"), y.numel()
 
         def loss_of(shard):
             gen = torch.Generator(device).manual_seed(batch_seed(args.seed, "ar", step, shard))
-            z, prompt = echoes[shard].batch(step, batch, 0 if image else n_image, gen)
-            corrupt = error_correction(cfg.ec_strength, n_latent, cfg.vocab, gen) if cfg.ec_strength > 0 else None
             with autocast(device, args.precision):
-                with torch.no_grad():   # error correction: fresh corruption at every use of an echoed clip
-                    codes, inputs, f_hat, _ = tok.quantize(z, corrupt=corrupt)
-                x, y = ar_sequence(inputs, codes, f_hat)   # f_hat: the corrupted sum, the later frames' context
-                target = y.flatten() if cfg.ar_soft == 0 else \
-                    frame_scale_order(tok.soft_codes(z, inputs, cfg.ar_soft, spacing)).flatten(0, 1)   # [(B L), V]
-                drop = torch.rand(len(x), generator=gen, device=device) < cfg.cond_drop
-                shard_layout = layout
-                if cfg.frame_mask > 0 and n_latent > 1:
-                    hide, prev = random_frame_mask(cfg.frame_mask, frame, len(x), gen)
-                    x = hide_previous(x, prev)
-                    shard_layout = replace(layout, hide=hide)
-                logits = fwd(x, shard_layout, prompt, drop=drop)
-                loss = F.cross_entropy(logits.flatten(0, 1), target)
-            hits.append((logits.argmax(-1) == y).float().mean())
-            return loss
+                return joint_mean(ce_of, echoes[shard], mixed.get(shard), step, batch, n_latent, n_mixed, n_image,
+                                  gen)
 
         loss = optimize(model, opt, lr_at(step, cfg.ar_steps, cfg.ar_lr, cfg.warmup),
                         [lambda s=s: loss_of(s) for s in shards(args)])
@@ -647,7 +668,8 @@ def train_flow(cfg, args, digits, out, tok, stage):
         noisy = torch.cat([torch.zeros_like(unit, dtype=torch.bool), torch.ones_like(unit, dtype=torch.bool)])
         return order, Layout(torch.cat([pos, pos]), torch.cat([unit, unit]), mask="forward", noisy=noisy), n_units
 
-    layouts = {n: units_of(n) for n in ({1, clip_latent} if n_image else {clip_latent})}
+    n_mixed = round(cfg.image_mix * micro(cfg.fm_batch, args) * clip_latent) if stage == "teacher" else 0
+    layouts = {n: units_of(n) for n in ({1, clip_latent} if n_image or n_mixed else {clip_latent})}
     curve = Curve(out, stage, args, state, cfg, digits)
     fwd = compiled(model, args)
     bar = tqdm(range(step, steps), desc=stage, initial=step, total=steps, dynamic_ncols=True, disable=not is_main())
@@ -661,30 +683,35 @@ def train_flow(cfg, args, digits, out, tok, stage):
             return teacher_clips(cfg, args, base, stats, clip_latent, shard)
         return encoded_clips(cfg, args, digits, tok, stage, n_image, shard, stats.normalize)
     echoes = {s: Echo(clips(s), cfg.echo) for s in shards(args)}
+    mixed = {s: Echo(encoded_clips(cfg, args, digits, tok, stage, steps, s, stats.normalize, stream=1), cfg.echo)
+             for s in shards(args)} if n_mixed else {}   # --image-mix: single images beside the clips
     for step in bar:
         image = step < n_image   # paper A stage 1: one latent frame per sample, `clip_latent` x the batch
         batch = micro(cfg.fm_batch, args)
         n_latent, batch = (1, batch * clip_latent) if image else (clip_latent, batch)
-        order, layout, n_units = layouts[n_latent]
+
+        def sse_of(z, prompt, n_latent, gen):   # -> squared velocity error summed over z's tokens, their count
+            order, layout, n_units = layouts[n_latent]
+            x0 = partition(z, order, cfg.unit_kwargs()["scales"])                       # [B,L,c] in unit order
+            b = len(x0)
+            drop = torch.rand(b, generator=gen, device=device) < cfg.cond_drop
+            if stage == "teacher":   # one noise level per clip: flow_t [B,L]
+                flow_t = flow_times((b, 1), cfg.fm_time, gen, device, cfg.fm_shift).expand(-1, x0.shape[1])
+                xt, v = flow_pair(x0, flow_t, gen)
+                pred = fwd(xt, layout, prompt, drop=drop, flow_t=flow_t)
+            else:                    # one noise level per unit [B,n_units], then per (noisy) token [B,L]
+                flow_t = flow_times((b, n_units), cfg.fm_time, gen, device, cfg.fm_shift)
+                flow_t = flow_t[:, layout.unit[len(layout.unit) // 2:]]
+                xt, v = flow_pair(x0, flow_t, gen)
+                pred = fwd(torch.cat([x0, xt], 1), layout, prompt, drop=drop,            # [B,2L,c]: clean, noisy
+                           flow_t=torch.cat([torch.zeros_like(flow_t), flow_t], 1))[:, x0.shape[1]:]
+            return F.mse_loss(pred.float(), v, reduction="sum"), v.numel()
 
         def loss_of(shard):
             gen = torch.Generator(device).manual_seed(batch_seed(args.seed, stage, step, shard))
-            z, prompt = echoes[shard].batch(step, batch, 0 if image else n_image, gen)
             with autocast(device, args.precision):
-                x0 = partition(z, order, cfg.unit_kwargs()["scales"])                   # [B,L,c] in unit order
-                b = len(x0)
-                drop = torch.rand(b, generator=gen, device=device) < cfg.cond_drop
-                if stage == "teacher":   # one noise level per clip: flow_t [B,L]
-                    flow_t = flow_times((b, 1), cfg.fm_time, gen, device, cfg.fm_shift).expand(-1, x0.shape[1])
-                    xt, v = flow_pair(x0, flow_t, gen)
-                    pred = fwd(xt, layout, prompt, drop=drop, flow_t=flow_t)
-                else:                    # one noise level per unit [B,n_units], then per (noisy) token [B,L]
-                    flow_t = flow_times((b, n_units), cfg.fm_time, gen, device, cfg.fm_shift)
-                    flow_t = flow_t[:, layout.unit[len(layout.unit) // 2:]]
-                    xt, v = flow_pair(x0, flow_t, gen)
-                    pred = fwd(torch.cat([x0, xt], 1), layout, prompt, drop=drop,        # [B,2L,c]: clean, noisy
-                               flow_t=torch.cat([torch.zeros_like(flow_t), flow_t], 1))[:, x0.shape[1]:]
-                return F.mse_loss(pred.float(), v)
+                return joint_mean(sse_of, echoes[shard], mixed.get(shard), step, batch, n_latent, n_mixed, n_image,
+                                  gen)
 
         loss = optimize(model, opt, lr_at(step, steps, lr, cfg.warmup), [lambda s=s: loss_of(s) for s in shards(args)])
         ema.update(model, step)

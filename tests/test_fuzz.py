@@ -28,7 +28,7 @@ TALLY = {}   # script -> (pairs tried, clean errors)
 # Config fields where 0 is a meaningful value (off, none, static digits); every other numeric field refuses 0
 ZERO_OK = {"speed", "tok_beta", "tok_ema", "tok_coarse", "ec_strength", "frame_mask", "ordered_prompt", "cond_drop",
            "image_frac", "dmd_t_min", "dmd_cfg", "teacher_cfg", "dmd_ema", "gen_ema", "dim", "heads", "warmup",
-           "weight_decay", "tok_weight_decay", "ar_soft"}   # dim, heads 0: derived from --depth (the size dial)
+           "weight_decay", "tok_weight_decay", "ar_soft", "image_mix"}   # dim, heads 0: derived from --depth (the size dial)
 SHARES = {"tok_ema", "ec_strength", "frame_mask", "cond_drop", "image_frac", "dmd_t_min", "dmd_t_max", "dmd_ema",
           "gen_ema"}
 STRINGS = {   # bad values of the string fields (the tiny preset: 64x64, down 8, fm_patch 2 -> 3x4x4 flow tokens)

@@ -38,7 +38,8 @@ def run(tiny_run):
     return tiny_run   # conftest.py: the session's tiny quickstart run (its tokenizer is what these tests need)
 
 
-@pytest.mark.parametrize("stage, extra", [("tokenizer", []), ("ar", []), ("teacher", []), ("causal", []),
+@pytest.mark.parametrize("stage, extra", [("tokenizer", []), ("ar", []), ("ar", ["--image-mix", "0.5"]),
+                                          ("teacher", []), ("causal", []),
                                           ("causal", ["--causal-data", "teacher"]), ("dmd", [])])
 def test_resume_gives_the_same_losses_as_an_uninterrupted_run(run, tmp_path, stage, extra):
     flags = TINY[:3] + [stage] + ["--tok-steps", "6", "--ar-steps", "6", "--fm-steps", "6", "--causal-steps", "6",
@@ -256,10 +257,12 @@ def test_time_shift_moves_training_and_sampling_toward_noise():
     assert (t3 > 0.95).float().mean() > 10 * (t1 > 0.95).float().mean()
 
 
-@pytest.mark.parametrize("stage", ["ar", "teacher"])
-def test_multi_stage_trains_single_images_first_then_clips(run, tmp_path, stage, monkeypatch):
+@pytest.mark.parametrize("stage, mix", [("ar", []), ("ar", ["--image-mix", "0.5"]), ("teacher", []),
+                                        ("teacher", ["--image-mix", "0.5"])])
+def test_multi_stage_trains_single_images_first_then_clips(run, tmp_path, stage, mix, monkeypatch):
     """Paper A's multi-stage recipe (--image-frac): the first share of the steps sees one-frame samples at
-    `latent frames` x the batch, the rest whole clips; the weights carry over (one checkpoint)."""
+    `latent frames` x the batch, the rest whole clips; the weights carry over (one checkpoint). With --image-mix
+    the clip steps also see that share of their latent frames as single images (joint batches)."""
     seen = []
     moving_mnist = train.data.moving_mnist
     monkeypatch.setattr(train.data, "moving_mnist",
@@ -267,8 +270,9 @@ def test_multi_stage_trains_single_images_first_then_clips(run, tmp_path, stage,
                                                         moving_mnist(n, d, split, mm, seed))[1])
     shutil.copy(run / "tokenizer.pt", tmp_path)
     train.main(["--config", "tiny", "--stage", stage, "--ar-steps", "4", "--fm-steps", "4", "--eval-every", "4",
-                "--image-frac", "0.5", "--echo", "1", "--device", "cpu", "--out", str(tmp_path)])
-    assert seen[-4:] == [(12, 1), (12, 1), (4, 9), (4, 9)], seen   # tiny: batch 4, 9 frames = 3 latent
+                "--image-frac", "0.5", "--echo", "1", "--device", "cpu", "--out", str(tmp_path)] + mix)
+    clip_steps = [(4, 9), (6, 1)] if mix else [(4, 9)]   # tiny: batch 4, 9 frames = 3 latent; 0.5 x 4 x 3 images
+    assert seen[-2 - 2 * len(clip_steps):] == [(12, 1), (12, 1)] + clip_steps * 2, seen
 
 
 def test_causal_data_teacher_trains_the_student_on_the_teachers_clips(run, tmp_path, monkeypatch):
