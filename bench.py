@@ -18,7 +18,7 @@ from torch.utils.flop_counter import FlopCounterMode
 import data
 from checkpoint import build_ar
 from config import SEED, autocast, check_config, check_device, check_flags, config_from_args, parser
-from model import Layout, Transformer, ar_sequence, frame_scale_layout, partition, unit_layout
+from model import Layout, Transformer, ar_sequence, frame_scale_layout, hw, partition, unit_layout
 from sample import generate_ar, generate_student, generate_teacher, random_prompts, stream_layout
 from tokenizer import LatentStats, Tokenizer
 
@@ -71,14 +71,14 @@ def train_steps(cfg, tok, ar, flow, device, b, amp, fstats):
     x = data.to_model(video, device)
     prompt = torch.from_numpy(labels).to(device)
     n_latent = 1 + (cfg.frames - 1) // cfg.ft
-    pos, unit, _ = (a.to(device) for a in frame_scale_layout(n_latent, tok.scales, tok.latent_side))
+    pos, unit, _ = (a.to(device) for a in frame_scale_layout(n_latent, tok.scales, tok.latent_grid))
     ar_layout = Layout(pos, unit, level=unit % len(tok.scales))
     with torch.no_grad():
         z = tok.encode(x)
         codes, inputs, f_hat, _ = tok.quantize(z)
     xs, ys = ar_sequence(inputs, codes, f_hat)
     tok_x = data.to_model(video[:, :cfg.tok_frames], device)
-    zf, fside = fstats.normalize(z), fstats.shape(cfg.z_channels, tok.latent_side)[1]   # the flow models' tokens
+    zf, fside = fstats.normalize(z), fstats.shape(cfg.z_channels, tok.latent_grid)[1]   # the flow models' tokens
     order, fpos, funit = unit_layout(cfg.unit, n_latent, fside, **cfg.unit_kwargs())
     x0 = partition(zf, order, cfg.unit_kwargs()["scales"])
     noisy = torch.cat([torch.zeros_like(funit, dtype=torch.bool), torch.ones_like(funit, dtype=torch.bool)]).to(device)
@@ -127,17 +127,18 @@ def main(argv=None):
     check_device(p, args.device)
     if args.long and (args.long - 1) % cfg.ft:
         p.error(f"--long {args.long}: allowed 0 (off) or 1 + {cfg.ft}*k frames")
-    side, chunk = cfg.size // cfg.down // cfg.fm_patch, 1 + (cfg.frames - 1) // cfg.ft
-    if args.long and len(stream_layout(cfg.unit, 1 + (args.long - 1) // cfg.ft, chunk, side, **cfg.unit_kwargs())) < 16:
+    tokens, chunk = cfg.frame_grid(cfg.down * cfg.fm_patch), 1 + (cfg.frames - 1) // cfg.ft
+    if args.long and len(stream_layout(cfg.unit, 1 + (args.long - 1) // cfg.ft, chunk, tokens,
+                                       **cfg.unit_kwargs())) < 16:
         p.error(f"--long {args.long}: allowed 0 (off) or a video of at least 16 {cfg.unit} units (its timings compare "
                 f"a fresh stream's second tenth of the units with the last tenth)")
     device = args.device
     torch.manual_seed(args.seed)
-    tok = Tokenizer(cfg.tokenizer_config(), cfg.size).to(device).eval()
+    tok = Tokenizer(cfg.tokenizer_config(), cfg.frame_grid()).to(device).eval()
     ar = build_ar(cfg, cfg.vocab).to(device)
     flow = Transformer(cfg.model_config()).to(device)
     n_latent = 1 + (cfg.frames - 1) // cfg.ft
-    side, channels, n = tok.latent_side, cfg.z_channels, args.num
+    side, channels, n = tok.latent_grid, cfg.z_channels, args.num
     fstats = LatentStats(torch.zeros(channels), torch.ones(channels), cfg.fm_patch)   # unit stats: the token grid only
     fc, fside = fstats.shape(channels, side)
     prompts = random_prompts(n, cfg.num_digits, device=device)
@@ -146,8 +147,9 @@ def main(argv=None):
     with amp():                                               # the peak in the precision the rows run in
         peak = matmul_peak(device)
     print(f"device {device}, threads {torch.get_num_threads()}, precision {args.precision}, matmul peak {peak:.0f} "
-          f"GFLOP/s; config: {cfg.frames} frames of {cfg.size}x{cfg.size}, "
-          f"latent {n_latent}x{side}x{side}x{channels}, scales {tok.scales}, model dim {cfg.dim} depth {cfg.depth}")
+          "GFLOP/s; config: {} frames of {}x{}, latent {}x{}x{}x{}, ".format(cfg.frames, *hw(cfg.frame_grid()),
+                                                                            n_latent, *hw(side), channels)
+          + f"scales {tok.scales}, model dim {cfg.dim} depth {cfg.depth}")
     print("fwd/frame: transformer forward passes per video frame (ar: K scales per latent frame; teacher: one per "
           "step for the whole clip; student and dmd: steps per unit, each unit's clean re-forward folded into the next "
           "unit's first step)")

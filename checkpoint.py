@@ -45,7 +45,7 @@ def load_checkpoint(path, expect_config=None, keys=()):
     if not isinstance(state, dict) or "config" not in state:
         raise CheckError(f"{path} is not a checkpoint of this project (no config inside)")
     if expect_config is not None:
-        saved = state["config"]
+        saved = {**vars(Config()), **state["config"]}   # a field newer than the checkpoint: its default
         diff = {k: (saved.get(k), getattr(expect_config, k)) for k in keys
                 if saved.get(k) != getattr(expect_config, k)}
         if diff:
@@ -82,12 +82,12 @@ def trained_weights(state):
 
 
 def build_tokenizer(cfg):
-    return Tokenizer(cfg.tokenizer_config(), cfg.size)
+    return Tokenizer(cfg.tokenizer_config(), cfg.frame_grid())
 
 
 def build_ar(cfg, vocab):
     """Paper A's transformer: tokens carry 2c features, [next-scale input || previous frame] (model.ar_sequence)."""
-    levels = len(cfg.tokenizer_config().scale_schedule(cfg.size // cfg.down))
+    levels = len(cfg.tokenizer_config().scale_schedule(cfg.frame_grid(cfg.down)))
     return Transformer(replace(cfg.model_config(vocab=vocab), in_channels=2 * cfg.z_channels, levels=levels))
 
 

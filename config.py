@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from model import ModelConfig
+from model import ModelConfig, hw
 from tokenizer import TokenizerConfig
 
 
@@ -26,7 +26,9 @@ def _f(default, help):
 @dataclass
 class Config:
     # data (Moving MNIST, data.py)
-    size: int = _f(64, "frame side in pixels")
+    size: int = _f(64, "frame side in pixels: the height, and the width unless --canvas-w")
+    canvas_w: int = _f(0, "frame width in pixels for rectangular frames (paper A: 384x672 = --size 384 --canvas-w "
+                          "672); 0 = square, --size")
     frames: int = _f(13, "frames per training clip (1 + ft*k)")
     num_digits: int = _f(2, "digits per clip")
     speed: float = _f(3.6, "digit speed in pixels per frame")
@@ -161,13 +163,20 @@ class Config:
                            in_channels=self.z_channels * self.fm_patch ** 2,
                            slots=self.num_digits if self.ordered_prompt else 0)
 
+    def frame_grid(self, per=1):
+        """The frames' pixels per `per` (model.hw's form: an int when square, else (height, width)): per = down
+        gives the latent grid, down * fm_patch the flow models' token grid."""
+        if self.canvas_w in (0, self.size):
+            return self.size // per
+        return self.size // per, self.canvas_w // per
+
     def unit_kwargs(self):
         """Keyword arguments of model.unit_layout for this config's unit, on the flow models' token grid (the latent
-        side / fm_patch; scale units keep the tokenizer's scales that fit it)."""
-        side = self.size // self.down // self.fm_patch
-        scales = self.tokenizer_config().scale_schedule(self.size // self.down)
+        grid / fm_patch; scale units keep the tokenizer's scales that fit it)."""
+        tokens = hw(self.frame_grid(self.down * self.fm_patch))
+        scales = self.tokenizer_config().scale_schedule(self.frame_grid(self.down))
         return dict(stride=self.stride, cube=tuple(int(v) for v in self.cube.split(",")),
-                    scales=tuple(s for s in scales if s <= side))
+                    scales=tuple(s for s in scales if all(a <= b for a, b in zip(hw(s), tokens))))
 
 
 PRESETS = {
@@ -193,20 +202,21 @@ PRESETS = {
                 fm_steps=50000, causal_steps=20000, fm_batch=64, fm_lr=3e-4, causal_lr=1e-4, cube="1,4,4",
                 dmd_steps=5000, dmd_lr=1e-5, dmd_fake_lr=1e-5, echo=1, warmup=1000, gen_ema=0.999),
     # paper A's VideoAR-XL (~2B): VAR-d30's shape (30 blocks of width 64 * 30 = 1920, 30 heads of 64); its 16x
-    # spatial / 4x temporal tokenizer on 4 s clips (65 frames: 16 fps assumed). The canvas is square here (384; the
-    # paper's is 384x672: the code has one --size)
-    "paper-a": dict(size=384, frames=65, down=16, patch=4, width=128, z_channels=32, vocab=4096,
-                    scales="1,2,3,4,6,8,12,16,24", tok_steps=50000, tok_batch=32, tok_frames=17, eval_every=2000,
-                    eval_clips=256, depth=30, aspect=64, head_dim=64, ar_steps=100000, ar_batch=64, ar_lr=3e-4,
-                    echo=1, warmup=2000, gen_ema=0.999),
+    # spatial / 4x temporal tokenizer on 4 s clips (65 frames: 16 fps assumed) of 384x672 frames: a 24x42 latent,
+    # scales 1x2 ... 24x42 (unit "frame": the flow models' flags must fit the grid too; paper A has none)
+    "paper-a": dict(size=384, canvas_w=672, unit="frame", frames=65, down=16, patch=4, width=128, z_channels=32,
+                    vocab=4096, scales="1,2,3,4,6,8,12,16,24", tok_steps=50000, tok_batch=32, tok_frames=17,
+                    eval_every=2000, eval_clips=256, depth=30, aspect=64, head_dim=64, ar_steps=100000, ar_batch=64,
+                    ar_lr=3e-4, echo=1, warmup=2000, gen_ema=0.999),
     # paper B's Wan-1.3B-shaped student: 30 blocks of width 1536, 12 heads of 128 (Wan2.1-1.3B; our MLP is 4x, Wan's
     # 5.8x, and there is no text cross-attention), Wan's 8x / 4x latent of 16 channels in 2x2 patches, 81 frames (5 s
-    # at 16 fps; square 480 canvas for Wan's 480x832), cube units; paper B Sec. 4: causal lr 1e-4 for 30k
+    # at 16 fps) of Wan's 480x832 frames, cubes of 3 latent frames x half the token grid's height and width (paper B's
+    # t/2 x h/2 x w/2 where 21 latent frames allow: 7 x 2 x 2 units); paper B Sec. 4: causal lr 1e-4 for 30k
     # iterations, DMD lr 2e-6 for 6k
-    "paper-b": dict(size=480, frames=81, down=8, patch=4, width=128, z_channels=16, tok_steps=50000, tok_batch=32,
-                    scales="1,2,3,5,10,15,30,60", tok_frames=17, eval_every=2000, eval_clips=256, depth=30,
-                    aspect=51.2, head_dim=128,
-                    fm_patch=2, unit="cube", cube="3,15,15", fm_steps=100000, causal_steps=30000, fm_batch=64,
+    "paper-b": dict(size=480, canvas_w=832, frames=81, down=8, patch=4, width=128, z_channels=16, tok_steps=50000,
+                    tok_batch=32, scales="1,2,3,5,10,15,30,60", tok_frames=17, eval_every=2000, eval_clips=256,
+                    depth=30, aspect=51.2, head_dim=128,
+                    fm_patch=2, unit="cube", cube="3,15,26", fm_steps=100000, causal_steps=30000, fm_batch=64,
                     fm_lr=1e-4, causal_lr=1e-4, dmd_steps=6000, dmd_lr=2e-6, dmd_fake_lr=2e-6, echo=1, warmup=1000,
                     gen_ema=0.999),
 }
@@ -219,7 +229,7 @@ PRESETS = {
 # they catch typos (an extra zero or three), not ambition.
 STEPS, BATCH, FRAMES, LR, SHARE = "[1, 1e9]", "[1, 1e5]", "[1, 1e5]", "(0, 10]", "[0, 1]"
 LIMITS = {
-    "size": "[28, 1024]", "frames": FRAMES, "num_digits": "[1, 10]", "speed": "[0, 1024]",
+    "size": "[28, 1024]", "canvas_w": "[0, 4096]", "frames": FRAMES, "num_digits": "[1, 10]", "speed": "[0, 1024]",
     "ft": "[1, 64]", "down": (4, 8, 16), "patch": (1, 2, 4), "width": "[1, 4096]", "z_channels": "[1, 1024]",
     "vocab": "[2, 1e6]", "tok_steps": STEPS, "tok_batch": BATCH, "tok_frames": FRAMES, "tok_lr": LR,
     "tok_beta": "[0, 100]", "tok_ema": "[0, 1)", "tok_coarse": "[0, 100]",
@@ -343,25 +353,28 @@ def check_config(p, cfg):
         n = getattr(cfg, name)
         need((n - 1) % cfg.ft == 0, f"--{name.replace('_', '-')} {n}: allowed 1 + {cfg.ft}*k (--ft {cfg.ft})")
     need(cfg.size % cfg.down == 0, f"--size {cfg.size}: allowed a multiple of --down {cfg.down}")
-    side = cfg.size // cfg.down
+    need(cfg.canvas_w == 0 or (cfg.canvas_w >= 28 and cfg.canvas_w % cfg.down == 0),
+         f"--canvas-w {cfg.canvas_w}: allowed 0 (square) or a multiple of --down {cfg.down}, at least 28")
+    side, width = hw(cfg.frame_grid(cfg.down))      # the latent grid
     try:
         if cfg.scales and any(int(s) <= 0 for s in cfg.scales.split(",")):
             raise ValueError
-        cfg.tokenizer_config().scale_schedule(side)
+        cfg.tokenizer_config().scale_schedule(cfg.frame_grid(cfg.down))
     except ValueError:
         p.error(f"--scales {cfg.scales!r}: allowed increasing comma-separated sides ending at the latent side {side} "
                 f"(--size / --down), or '' for powers of 2")
-    need(side % cfg.fm_patch == 0, f"--fm-patch {cfg.fm_patch}: allowed a divisor of the latent side {side}")
+    need(side % cfg.fm_patch == 0 and width % cfg.fm_patch == 0,
+         f"--fm-patch {cfg.fm_patch}: allowed a divisor of the latent grid {side}x{width}")
     cube = cfg.cube.split(",")
     need(len(cube) == 3 and all(c.strip().isdigit() and int(c) > 0 for c in cube),
          f"--cube {cfg.cube!r}: allowed three positive integers kt,kh,kw")
-    n_latent, tokens = 1 + (cfg.frames - 1) // cfg.ft, side // cfg.fm_patch
+    n_latent, (rows, cols) = 1 + (cfg.frames - 1) // cfg.ft, (side // cfg.fm_patch, width // cfg.fm_patch)
     kt, kh, kw = map(int, cube)
-    need(cfg.unit != "cube" or not (n_latent % kt or tokens % kh or tokens % kw),
-         f"--cube {cfg.cube!r}: allowed kt,kh,kw dividing the {n_latent}x{tokens}x{tokens} token grid "
-         f"(latent frames x latent side / --fm-patch)")
-    need(cfg.unit != "scale" or cfg.unit_kwargs()["scales"][-1:] == (tokens,),
-         f"--unit scale: the scales ({cfg.scales or 'powers of 2'}) must include the token side {tokens}")
+    need(cfg.unit != "cube" or not (n_latent % kt or rows % kh or cols % kw),
+         f"--cube {cfg.cube!r}: allowed kt,kh,kw dividing the {n_latent}x{rows}x{cols} token grid "
+         f"(latent frames x latent grid / --fm-patch)")
+    need(cfg.unit != "scale" or [hw(s) for s in cfg.unit_kwargs()["scales"][-1:]] == [(rows, cols)],
+         f"--unit scale: the scales ({cfg.scales or 'powers of 2'}) must include the token side {rows}")
     betas = cfg.betas.split(",")
     need(len(betas) == 2 and all(not bad_value("", _float(b), "[0, 1)") for b in betas),
          f"--betas {cfg.betas!r}: allowed two numbers b1,b2 in [0, 1)")

@@ -171,7 +171,8 @@ def synthetic_digits(n_train=8000, n_test=2000, seed=0):
 # ----------------------------------------------------------------------------------------- Moving MNIST
 @dataclass
 class MovingMNISTConfig:
-    size: int = 64          # canvas H = W
+    size: int = 64          # canvas height H, and width W unless `width`
+    width: int = 0          # canvas width W for a rectangular canvas; 0 = size (square)
     frames: int = 20
     num_digits: int = 2
     speed: float = 3.6      # pixels per frame (Srivastava et al.: step 0.1 of the (64-28) range)
@@ -180,7 +181,8 @@ class MovingMNISTConfig:
 
 def mm_config(cfg, frames=None):
     """The Moving MNIST clips of a run's config.Config: its clip length, or `frames` frames."""
-    return MovingMNISTConfig(size=cfg.size, frames=frames or cfg.frames, num_digits=cfg.num_digits, speed=cfg.speed)
+    return MovingMNISTConfig(size=cfg.size, width=cfg.canvas_w, frames=frames or cfg.frames, num_digits=cfg.num_digits,
+                             speed=cfg.speed)
 
 
 def moving_mnist(n, digits: Digits, split="train", cfg=MovingMNISTConfig(), seed=0):
@@ -193,9 +195,10 @@ def moving_mnist(n, digits: Digits, split="train", cfg=MovingMNISTConfig(), seed
     """
     images, labels = digits.split(split)
     rng = np.random.default_rng(seed)
-    lim = cfg.size - cfg.digit_size
-    if lim < 0:
-        raise ValueError(f"canvas {cfg.size} is smaller than a digit ({cfg.digit_size})")
+    height, width = cfg.size, cfg.width or cfg.size
+    lim = np.array([height, width]) - cfg.digit_size                    # (y, x) room of a digit's corner
+    if lim.min() < 0:
+        raise ValueError(f"canvas {height}x{width} is smaller than a digit ({cfg.digit_size})")
     idx = rng.integers(0, len(images), (n, cfg.num_digits))
     pos = rng.uniform(0, lim, (n, cfg.num_digits, 2))                    # (y, x)
     pos = np.take_along_axis(pos, np.argsort(pos[..., 1], 1, kind="stable")[..., None], 1)   # left to right
@@ -214,7 +217,7 @@ def moving_mnist(n, digits: Digits, split="train", cfg=MovingMNISTConfig(), seed
         glyphs = F.interpolate(torch.from_numpy(glyphs).float().flatten(0, 1)[:, None], size=cfg.digit_size,
                                mode="bilinear", antialias=True).round().clamp(0, 255).byte()[:, 0]
         glyphs = glyphs.view(n, cfg.num_digits, cfg.digit_size, cfg.digit_size).numpy()
-    video = np.zeros((n, cfg.frames, cfg.size, cfg.size), np.uint8)
+    video = np.zeros((n, cfg.frames, height, width), np.uint8)
     s = cfg.digit_size
     for f in range(cfg.frames):
         for b in range(n):

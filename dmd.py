@@ -122,7 +122,7 @@ def flow_matching_loss(velocity, x0, t, generator):
 
 
 # ---------------------------------------------------------------------------------- paper B's generator and scorers
-def rollout(model, prompts, n_latent, side, channels, generator, kind, unit_kw, steps, shift):
+def rollout(model, prompts, n_latent, grid, channels, generator, kind, unit_kw, steps, shift):
     """G_theta(z) of Eq. 2: one clip of `n_latent` latent frames from the causal generator, run exactly as at inference
     (sample.generate_student: unit by unit with the KV cache, `steps` Euler steps per unit, the finished unit
     re-forwarded clean into the cache; Self Forcing, Huang et al. 2025), without CFG (the generator learns the real
@@ -132,12 +132,12 @@ def rollout(model, prompts, n_latent, side, channels, generator, kind, unit_kw, 
     keeps its graph. Why: backpropagating through every step would keep `steps` forwards' activations per unit (and,
     through a cache with gradient, send each unit's gradient into every earlier unit); one exit keeps one forward per
     unit -- a unit's tokens against the detached cache, about the memory of one teacher-forced pass over the clip,
-    whatever `steps`. Random exits train the finish from every point of the step grid: exit 0 is the one-step
-    generator, exits at the last step the `steps`-step one; other step counts at inference reach the grid's times
-    by other paths, untrained."""
-    n_units = len(stream_layout(kind, n_latent, n_latent, side, **unit_kw))
+    whatever `steps`. Random exits train the finish from every point of the time grid: exit 0 is the one-step
+    generator, exits at the last step the `steps`-step one; other step counts at inference reach the time grid's
+    points by other paths, untrained. grid: the token grid (model.hw's int or (h, w))."""
+    n_units = len(stream_layout(kind, n_latent, n_latent, grid, **unit_kw))
     exits = torch.randint(0, steps, (n_units,), generator=generator, device=generator.device).tolist()
-    return generate_student(model, prompts, n_latent, n_latent, side, channels, generator, kind, unit_kw, steps,
+    return generate_student(model, prompts, n_latent, n_latent, grid, channels, generator, kind, unit_kw, steps,
                             cfg_scale=1.0, progress=False, shift=shift, exits=exits, fold=False)
 
 

@@ -536,6 +536,8 @@ def evaluate(videos, prompts=None, target=None, samples=None, nets=None, num_rea
     reference clips' digits (px/frame at 64 px), as in the data the clips imitate."""
     videos = check_video(videos, "videos")
     n, t, h, w, _ = videos.shape
+    if h != w:
+        raise ValueError(f"eval.py scores square Moving MNIST frames only (its nets read 64x64), got {h}x{w}")
     digits = digits or load_digits(download=False, verbose=False)
     digit_net, clip_net, info = nets or load_nets(device=device, digits=digits)
     num_digits = 2 if prompts is None else int(np.bincount([len(set(p)) for p in prompts]).argmax())
@@ -589,6 +591,10 @@ def read_inputs(p, args):
         prompts = read_prompts(args.prompts) if args.prompts else None
     except (TypeError, ValueError) as e:
         p.error(str(e))
+    h, w = check_video(videos).shape[2:4]
+    if h != w:   # the nets read 64x64 Moving MNIST; a rectangular frame would be stretched, its digits too
+        p.error(f"--videos {args.videos}: frames of {h}x{w}; eval.py scores square Moving MNIST frames only (the "
+                f"digit and clip nets read 64x64)")
     if prompts is not None and len(prompts) != len(videos):
         p.error(f"--prompts {args.prompts}: {len(prompts)} lines for {len(videos)} clips in --videos; allowed one "
                 f"line per clip")

@@ -34,7 +34,7 @@ import tokenizer
 import train
 from config import (SEED, Config, Parser, add_precision_flag, autocast, check_device, check_flags, check_path,
                     one_line_errors)
-from model import Layout, Transformer, flow_pair, flow_times, partition, unit_layout
+from model import Layout, Transformer, flow_pair, flow_times, hw, partition, unit_layout
 from sample import (default_cfg, generate_ar, generate_student, generate_teacher, random_prompts, reconstruct, sample_stage,
                     stream_layout, unit_steps)
 
@@ -91,11 +91,11 @@ def units(args, base, cfg, tok, digits, nets):
     """Paper B Table 2 (unit type) and Table 3 (cube size) on Moving MNIST: one causal student per row, each
     initialised from the same teacher and trained for cfg.causal_steps; 4 Euler steps per unit, CFG 3."""
     teacher, _, stats = checkpoint.load_flow(base, "teacher", args.device, tok)
-    n_latent, (channels, side) = 1 + (cfg.frames - 1) // cfg.ft, stats.shape(cfg.z_channels, tok.latent_side)
+    n_latent, (channels, side) = 1 + (cfg.frames - 1) // cfg.ft, stats.shape(cfg.z_channels, tok.latent_grid)
     rows = {"frame": dict(unit="frame"), f"keydetail (k={cfg.stride})": dict(unit="keydetail"),
             "scale": dict(unit="scale")}
     for name, (a, b) in {"t/2 x h/2 x w/2": (2, 2), "t/4 x h/4 x w/4": (4, 4), "t x h/2 x w/2": (1, 2)}.items():
-        cube = f"{max(1, n_latent // a)},{side // b},{side // b}"
+        cube = f"{max(1, n_latent // a)},{hw(side)[0] // b},{hw(side)[1] // b}"
         if n_latent % max(1, n_latent // a) == 0 and cube not in [r.get("cube") for r in rows.values()]:  # 3: no t/2
             rows[f"cube {name} ({cube.replace(',', 'x')})"] = dict(unit="cube", cube=cube)
     prompts = prompts_for(args.num, cfg.num_digits, args.seed)
@@ -184,7 +184,7 @@ def stream(args, base, cfg, tok, digits, nets):
     of windows of the trained length along the video (does quality drift?)."""
     model, c, stats = checkpoint.load_flow(base, args.generator, args.device, tok)
     steps, cfg_scale = args.unit_steps or unit_steps(args.generator, c), default_cfg(args.generator, c)
-    chunk, (channels, side) = 1 + (c.frames - 1) // c.ft, stats.shape(c.z_channels, tok.latent_side)
+    chunk, (channels, side) = 1 + (c.frames - 1) // c.ft, stats.shape(c.z_channels, tok.latent_grid)
     latent = 1 + (args.long - 1) // c.ft
     prompts = prompts_for(args.num, c.num_digits, args.seed).to(args.device)
 
@@ -270,7 +270,7 @@ def prompt(args, base, cfg, tok, digits, nets):
     the prompt is read (where the digits are decided). Same x_t and noise in every column."""
     model, c, stats = checkpoint.load_flow(base, "teacher", args.device, tok)
     clips, labels = train.heldout_clips(c, digits, args.num)
-    channels, side = stats.shape(c.z_channels, tok.latent_side)
+    channels, side = stats.shape(c.z_channels, tok.latent_grid)
     order, pos, unit = unit_layout("frame", 1 + (c.frames - 1) // c.ft, side)
     layout = Layout(pos.to(args.device), unit.to(args.device), mask="full")
     with amp(args):
@@ -321,7 +321,7 @@ def positions(args, base, cfg, tok, digits, nets):
             z = torch.cat([tok.encode(data.to_model(v, args.device)).float() for v in video])
         labels = torch.from_numpy(np.concatenate(labels)).to(args.device)
         stats = tokenizer.LatentStats.measure(z[:512], c.fm_norm == "channel", c.fm_patch)
-        side = stats.shape(c.z_channels, tok.latent_side)[1]
+        side = stats.shape(c.z_channels, tok.latent_grid)[1]
         order, pos, unit = unit_layout("frame", 1, side)
         x_all = partition(stats.normalize(z), order)
         layout = Layout(pos.to(args.device), unit.to(args.device), mask="full")
@@ -384,7 +384,7 @@ def main(argv=None):
         cfg = Config(**checkpoint.load_checkpoint(base / name)["config"])
         if args.what == "stream":   # the length against the student that streams it, in sample.stream_layout's units
             c = Config(**checkpoint.load_checkpoint(base / f"{args.generator}.pt")["config"])
-            side, kw = c.size // c.down // c.fm_patch, c.unit_kwargs()
+            side, kw = c.frame_grid(c.down * c.fm_patch), c.unit_kwargs()
             latent, chunk = 1 + (args.long - 1) // c.ft, 1 + (c.frames - 1) // c.ft
             kt = kw["cube"][0] if c.unit == "cube" else 1
             count = lambda n: int(unit_layout(c.unit, n, side, **kw)[2].max()) + 1 if n else 0   # units of n frames

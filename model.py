@@ -24,6 +24,7 @@ Reading guide (paper -> code):
 Shapes: B batch, L tokens, C model width, H heads, D head dim, c latent channels.
 """
 import math
+import numbers
 from dataclasses import dataclass
 
 import torch
@@ -91,30 +92,46 @@ class Layout:
     hide: torch.Tensor | None = None
 
 
+def hw(grid):
+    """A grid's (height, width): an int s is the square s x s grid, a pair (h, w) a rectangular one. Latent frames,
+    token grids and the scales of paper A's pyramid are given either way (square frames: ints, --canvas-w: pairs)."""
+    if isinstance(grid, numbers.Integral):
+        return int(grid), int(grid)
+    h, w = grid
+    return int(h), int(w)
+
+
+def cells(grid):
+    """Number of cells of a grid (s*s, or h*w)."""
+    h, w = hw(grid)
+    return h * w
+
+
 def centres(s, side):
     """Centres of s equal cells on a line of `side` fine-grid cells, in fine-grid coordinates: [s]."""
     return (torch.arange(s, dtype=torch.float32) + 0.5) * side / s - 0.5
 
 
 def grid_positions(frame_ids, s, side):
-    """Physical (t, h, w) of an s x s grid over a side x side latent, for each latent frame in frame_ids
-    -> [len(frame_ids)*s*s, 3]."""
-    mid = centres(s, side)
-    pt, ph, pw = torch.meshgrid(torch.as_tensor(frame_ids, dtype=torch.float32), mid, mid, indexing="ij")
-    return torch.stack([pt, ph, pw], -1).view(-1, 3)                  # [n, s, s, 3] -> [n*s*s, 3]
+    """Physical (t, h, w) of an s grid (s_h x s_w cells) over the latent `side` (h x w cells; `hw`), for each latent
+    frame in frame_ids -> [len(frame_ids)*s_h*s_w, 3]."""
+    (sh, sw), (h, w) = hw(s), hw(side)
+    pt, ph, pw = torch.meshgrid(torch.as_tensor(frame_ids, dtype=torch.float32), centres(sh, h), centres(sw, w),
+                                indexing="ij")
+    return torch.stack([pt, ph, pw], -1).view(-1, 3)                  # [n, s_h, s_w, 3] -> [n*s_h*s_w, 3]
 
 
 def frame_scale_layout(n_latent, scales, side):
     """Paper A: units (latent frame f, scale k) in frame-major order, unit index f*K + k.
 
-    Returns pos [L, 3] (physical positions), unit [L] (order index), frame [L]. L = n_latent * sum_k s_k^2.
+    Returns pos [L, 3] (physical positions), unit [L] (order index), frame [L]. L = n_latent * sum_k cells(s_k).
     """
     pos, unit, frame = [], [], []
     for f in range(n_latent):
         for k, s in enumerate(scales):
             pos.append(grid_positions([f], s, side))
-            unit.append(torch.full((s * s,), f * len(scales) + k))
-            frame.append(torch.full((s * s,), f))
+            unit.append(torch.full((cells(s),), f * len(scales) + k))
+            frame.append(torch.full((cells(s),), f))
     return torch.cat(pos), torch.cat(unit), torch.cat(frame)
 
 
@@ -122,21 +139,22 @@ UNITS = ("frame", "keydetail", "cube", "scale")
 
 
 def unit_layout(kind, n_latent, side, stride=2, cube=(1, 2, 2), scales=()):
-    """Paper B Sec. 3.2: the prediction units of a latent z [B,c,t,h,w] with t = n_latent, h = w = side.
+    """Paper B Sec. 3.2: the prediction units of a latent z [B,c,t,h,w] with t = n_latent, (h, w) = hw(side).
 
     frame:     unit i = latent frame i                               (N = t units)
     keydetail: unit j = frames j, j+stride, j+2*stride, ...           (N = stride: key frames first, then the rest)
     cube:      kt x kh x kw cubes, time-major cube order              (N = t/kt * h/kh * w/kw)
-    scale:     unit l = z resized to s_l x s_l in every frame (VAR pyramid, coarse to fine; the last is z itself)
+    scale:     unit l = z resized to the grid s_l in every frame (VAR pyramid, coarse to fine; the last is z itself)
     Returns order [L] (raster index (t,h,w) of each token; None for scale), pos [L,3], unit [L].
     """
+    h, w = hw(side)
     if kind == "scale":
-        if not scales or scales[-1] != side:
-            raise ValueError(f"scale units need scales ending at the latent side {side}, got {scales}")
+        if not scales or hw(scales[-1]) != (h, w):
+            raise ValueError(f"scale units need scales ending at the latent grid {side}, got {scales}")
         pos = torch.cat([grid_positions(range(n_latent), s, side) for s in scales])
-        unit = torch.cat([torch.full((n_latent * s * s,), l) for l, s in enumerate(scales)])
+        unit = torch.cat([torch.full((n_latent * cells(s),), l) for l, s in enumerate(scales)])
         return None, pos, unit
-    ti, hi, wi = torch.meshgrid(torch.arange(n_latent), torch.arange(side), torch.arange(side), indexing="ij")
+    ti, hi, wi = torch.meshgrid(torch.arange(n_latent), torch.arange(h), torch.arange(w), indexing="ij")
     ti, hi, wi = ti.flatten(), hi.flatten(), wi.flatten()
     if kind == "frame":
         unit = ti
@@ -144,9 +162,9 @@ def unit_layout(kind, n_latent, side, stride=2, cube=(1, 2, 2), scales=()):
         unit = ti % stride
     elif kind == "cube":
         kt, kh, kw = cube
-        if n_latent % kt or side % kh or side % kw:
-            raise ValueError(f"cube {kt}x{kh}x{kw} does not divide the latent {n_latent}x{side}x{side}")
-        unit = ((ti // kt) * (side // kh) + hi // kh) * (side // kw) + wi // kw
+        if n_latent % kt or h % kh or w % kw:
+            raise ValueError(f"cube {kt}x{kh}x{kw} does not divide the latent {n_latent}x{h}x{w}")
+        unit = ((ti // kt) * (h // kh) + hi // kh) * (w // kw) + wi // kw
     else:
         raise ValueError(f"unknown unit {kind!r}: choose from {UNITS}")
     order = torch.sort(unit * len(unit) + torch.arange(len(unit))).indices     # by unit, raster inside a unit
@@ -159,7 +177,7 @@ def partition(z, order, scales=()):
     if order is not None:
         return rearrange(z, "b c t h w -> b (t h w) c")[:, order]
     n_latent = z.shape[2]
-    return torch.cat([rearrange(F.interpolate(rearrange(z, "b c t h w -> (b t) c h w"), size=s, mode="area"),
+    return torch.cat([rearrange(F.interpolate(rearrange(z, "b c t h w -> (b t) c h w"), size=hw(s), mode="area"),
                                 "(b t) c h w -> b (t h w) c", t=n_latent) for s in scales], 1)
 
 
@@ -168,18 +186,19 @@ def merge(tokens, order, n_latent, side):
     is z)."""
     if order is not None:
         tokens = torch.empty_like(tokens).index_copy_(1, order.to(tokens.device), tokens)
-    return rearrange(tokens[:, -n_latent * side * side:], "b (t h w) c -> b c t h w", t=n_latent, h=side)
+    h, w = hw(side)
+    return rearrange(tokens[:, -n_latent * h * w:], "b (t h w) c -> b c t h w", t=n_latent, h=h)
 
 
 def frame_context(f_prev, scales):
     """Paper A, next-frame: what the tokens of latent frame t are told of frame t-1.
 
     f_prev [N,c,h,w]: the previous frame's full sum f_hat (every scale, so its finest detail too; zeros before
-    frame 0) -> [N, sum_k s_k^2, c]: f_prev area-downsampled to each scale of the pyramid, in token order, so each
-    token sees the previous frame at its own place and resolution. Without it the finest codes of a frame -- the
+    frame 0) -> [N, sum_k cells(s_k), c]: f_prev area-downsampled to each scale of the pyramid, in token order, so
+    each token sees the previous frame at its own place and resolution. Without it the finest codes of a frame -- the
     digits' strokes -- would reach the next frame only as the model's guesses, never as the codes drawn.
     """
-    return torch.cat([rearrange(F.interpolate(f_prev, size=s, mode="area"), "n c h w -> n (h w) c")
+    return torch.cat([rearrange(F.interpolate(f_prev, size=hw(s), mode="area"), "n c h w -> n (h w) c")
                       for s in scales], 1)
 
 
@@ -200,7 +219,7 @@ def ar_sequence(inputs, codes, f_hat):
     b, n_latent = codes[0].shape[:2]
     c = f_hat.shape[1]
     prev = torch.cat([torch.zeros_like(f_hat[:, :, :1]), f_hat[:, :, :-1]], 2)            # frame t sees t-1
-    ctx = rearrange(frame_context(rearrange(prev, "b c t h w -> (b t) c h w"), [i.shape[-1] for i in codes]),
+    ctx = rearrange(frame_context(rearrange(prev, "b c t h w -> (b t) c h w"), [i.shape[-2:] for i in codes]),
                     "(b t) l c -> b t l c", b=b)
     xs = []
     for f in range(n_latent):

@@ -18,7 +18,8 @@ import data
 from checkpoint import load_ar, load_flow, load_tokenizer
 from config import (SEED, Parser, add_precision_flag, autocast, check_device, check_flags, check_path,
                     one_line_errors)
-from model import KVCache, Layout, frame_context, grid_positions, merge, partition, shift_time, unit_layout
+from model import (KVCache, Layout, cells, frame_context, grid_positions, hw, merge, partition, shift_time,
+                   unit_layout)
 
 
 def random_prompts(n, num_digits, generator=None, device="cpu"):
@@ -54,7 +55,7 @@ def generate_ar(model, tok, prompts, n_latent, generator, cfg_scale=3.0, cfg_sch
     [B,c,n_latent,h,w].
     """
     device = next(model.parameters()).device
-    scales, side, K = tok.scales, tok.latent_side, len(tok.scales)
+    scales, grid, K = tok.scales, tok.latent_grid, len(tok.scales)      # grids: model.hw's int or (h, w)
     b = len(prompts) if prompts is not None else len(context[0])
     guided = prompts is not None and cfg_scale != 1.0
     if prompts is None:                       # unconditional: every row takes the null condition
@@ -64,15 +65,15 @@ def generate_ar(model, tok, prompts, n_latent, generator, cfg_scale=3.0, cfg_sch
         prompt_in = torch.cat([prompts, prompts]) if guided else prompts
         drop = torch.arange(len(prompt_in), device=device) >= b
     cache, out = KVCache(model.cfg.depth), []
-    f_hat = torch.zeros(b, tok.cfg.z_channels, side, side, device=device)       # "frame -1": nothing yet
+    f_hat = torch.zeros(b, tok.cfg.z_channels, *hw(grid), device=device)       # "frame -1": nothing yet
     for f in tqdm(range(n_latent), desc="frames", disable=not progress):
-        ctx = frame_context(f_hat, scales).split([s * s for s in scales], 1)    # what frame f knows of f-1
+        ctx = frame_context(f_hat, scales).split([cells(s) for s in scales], 1)  # what frame f knows of f-1
         f_hat = torch.zeros_like(f_hat)
-        x = f_hat.new_zeros(b, scales[0] ** 2, tok.cfg.z_channels)             # scale 1: the start token (level 0)
+        x = f_hat.new_zeros(b, cells(scales[0]), tok.cfg.z_channels)          # scale 1: the start token (level 0)
         for k, s in enumerate(scales):
-            layout = Layout(pos=grid_positions([f], s, side).to(device),          # unit (frame f, scale k)
-                            unit=torch.full((s * s,), f * K + k, device=device),
-                            level=torch.full((s * s,), k, device=device))
+            layout = Layout(pos=grid_positions([f], s, grid).to(device),          # unit (frame f, scale k)
+                            unit=torch.full((cells(s),), f * K + k, device=device),
+                            level=torch.full((cells(s),), k, device=device))
             xk = torch.cat([x, ctx[k]], -1)                                       # as in model.ar_sequence
             logits = model(torch.cat([xk, xk]) if guided else xk, layout, prompt_in, drop=drop, cache=cache,
                            append=True)
@@ -83,7 +84,7 @@ def generate_ar(model, tok, prompts, n_latent, generator, cfg_scale=3.0, cfg_sch
                 idx = context[k][:, f].flatten(1)
             else:
                 idx = sample_logits(logits, generator, temperature, top_k, top_p)
-            f_hat, nxt = tok.vq.next_scale_input(f_hat, idx.view(b, s, s), k)
+            f_hat, nxt = tok.vq.next_scale_input(f_hat, idx.view(b, *hw(s)), k)
             if nxt is not None:
                 x = rearrange(nxt, "b c h w -> b (h w) c")
         out.append(f_hat)
@@ -112,24 +113,24 @@ def cfg_batch(prompts, b, cfg_scale, device):
 
 
 @torch.no_grad()
-def generate_teacher(model, prompts, n_latent, side, channels, generator, steps=25, cfg_scale=3.0, progress=True,
+def generate_teacher(model, prompts, n_latent, grid, channels, generator, steps=25, cfg_scale=3.0, progress=True,
                      shift=1.0):
     """Paper B's base model: `steps` Euler steps of the flow ODE from noise (flow time 1) to data (0) over the whole
-    clip of `n_latent` latent frames at once (full attention), on the grid shifted as in training (model.shift_time).
-    Returns z [B,c,n_latent,h,w] (scaled latent)."""
+    clip of `n_latent` latent frames at once (full attention), on the time grid shifted as in training
+    (model.shift_time); grid: the token grid (model.hw's int or (h, w)). Returns z [B,c,n_latent,h,w] (scaled)."""
     device = next(model.parameters()).device
     b = len(prompts)
-    order, pos, unit = unit_layout("frame", n_latent, side)
+    order, pos, unit = unit_layout("frame", n_latent, grid)
     layout = Layout(pos.to(device), unit.to(device), mask="full")
     prompt_in, drop = cfg_batch(prompts, b, cfg_scale, device)
     x = torch.randn(b, len(unit), channels, generator=generator, device=device)       # [B,L,c]
-    grid = shift_time(torch.linspace(1, 0, steps + 1), shift).tolist()
-    for flow_t, flow_t_next in tqdm(list(zip(grid, grid[1:])), desc="steps", disable=not progress):
+    times = shift_time(torch.linspace(1, 0, steps + 1), shift).tolist()
+    for flow_t, flow_t_next in tqdm(list(zip(times, times[1:])), desc="steps", disable=not progress):
         x = x + (flow_t_next - flow_t) * guided_velocity(model, x, layout, prompt_in, drop, flow_t, b, cfg_scale)
-    return merge(x, order, n_latent, side)
+    return merge(x, order, n_latent, grid)
 
 
-def stream_layout(kind, n_latent, chunk, side, **kw):
+def stream_layout(kind, n_latent, chunk, grid, **kw):
     """Units of a video of `n_latent` latent frames, as consecutive chunks of the trained length `chunk`, each laid
     out as in training (model.unit_layout), times continuing. -> list of (pos [l,3], order [l] or None, c0, n, u):
     order indexes the raster (t,h,w) of the whole video (None for scale units, whose level is u in a chunk of n
@@ -137,11 +138,11 @@ def stream_layout(kind, n_latent, chunk, side, **kw):
     units = []
     for c0 in range(0, n_latent, chunk):
         n = min(chunk, n_latent - c0)
-        order, pos, unit = unit_layout(kind, n, side, **kw)
+        order, pos, unit = unit_layout(kind, n, grid, **kw)
         pos = pos + torch.tensor([float(c0), 0, 0])
         for u in range(int(unit.max()) + 1):
             sel = unit == u
-            units.append((pos[sel], None if order is None else order[sel] + c0 * side * side, c0, n, u))
+            units.append((pos[sel], None if order is None else order[sel] + c0 * cells(grid), c0, n, u))
     return units
 
 
@@ -156,7 +157,7 @@ def default_cfg(method, cfg):
     return {"teacher": cfg.teacher_cfg, "dmd": 1.0}.get(method, 3.0)
 
 
-def generate_student(model, prompts, n_latent, chunk, side, channels, generator, kind="cube", unit_kw=None, steps=4,
+def generate_student(model, prompts, n_latent, chunk, grid, channels, generator, kind="cube", unit_kw=None, steps=4,
                      cfg_scale=3.0, context=None, context_len=-1, progress=True, on_unit=None, shift=1.0, exits=None,
                      fold=True):
     """Paper B streaming generation (Sec. 3.4): unit by unit, `steps` Euler steps each, attending to the KV cache
@@ -191,12 +192,12 @@ def generate_student(model, prompts, n_latent, chunk, side, channels, generator,
     prompt_in, drop = cfg_batch(prompts, b, cfg_scale, device)
     doubled = len(prompt_in) > b
     cache = KVCache(model.cfg.depth)
-    z = torch.zeros(b, channels, n_latent, side, side, device=device)
+    z = torch.zeros(b, channels, n_latent, *hw(grid), device=device)
     n_ctx = 0 if context is None else context.shape[2]        # given latent frames
-    grid = shift_time(torch.linspace(1, 0, steps + 1), shift).tolist()
+    times = shift_time(torch.linspace(1, 0, steps + 1), shift).tolist()
     n_generated = 0                            # units generated so far (not teacher-forced): indexes exits
     grad = exits is not None and torch.is_grad_enabled()   # called under no_grad: the same clip, no graph
-    units = stream_layout(kind, n_latent, chunk, side, **unit_kw)
+    units = stream_layout(kind, n_latent, chunk, grid, **unit_kw)
     pending = None                             # fold: (x, pos, unit) of the finished unit not yet in the cache
 
     def write(x, pos, unit):   # the clean re-forward (flow time 0) that writes a finished unit into the cache
@@ -233,8 +234,8 @@ def generate_student(model, prompts, n_latent, chunk, side, channels, generator,
             n_generated += 1
             eps_given = x[:, given]
             for j in range(stop + 1):
-                flow_t = grid[j]
-                flow_t_next = grid[j + 1] if j < stop else 0.0       # exiting at step j: straight to flow time 0
+                flow_t = times[j]
+                flow_t_next = times[j + 1] if j < stop else 0.0       # exiting at step j: straight to flow time 0
                 if given.any():   # a unit straddling the given frames: their tokens follow the given values,
                     x = x.clone()  # noised to the current flow time (replacement inpainting); the rest is generated
                     x[:, given] = (1 - flow_t) * x0_given + flow_t * eps_given
@@ -260,7 +261,7 @@ def generate_student(model, prompts, n_latent, chunk, side, channels, generator,
         if order is not None:
             z.view(b, channels, -1)[:, :, order.to(device)] = x.transpose(1, 2)    # [B,c,(t h w)] <- [B,c,l]
         elif u == len(scales) - 1:             # the finest scale unit of a chunk is the latent itself
-            z[:, :, c0:c0 + n] = merge(x, None, n, side)
+            z[:, :, c0:c0 + n] = merge(x, None, n, grid)
         if on_unit:
             on_unit(i, cache)
     return z
@@ -305,17 +306,17 @@ def sample_stage(stage, model, cfg, tok, stats, prompts, generator, frames, args
     model.eval()
     n_latent = 1 + (frames - 1) // cfg.ft
     if stage != "ar":   # the flow models' token grid (LatentStats.shape)
-        channels, side = stats.shape(cfg.z_channels, tok.latent_side)
+        channels, grid = stats.shape(cfg.z_channels, tok.latent_grid)
     with autocast(args.device, args.precision):
         if stage == "ar":
             z = generate_ar(model, tok, prompts, n_latent, generator, temperature=cfg.ar_temperature, progress=False)
         elif stage == "teacher":
-            z = stats.denormalize(generate_teacher(model, prompts, n_latent, side, channels, generator,
+            z = stats.denormalize(generate_teacher(model, prompts, n_latent, grid, channels, generator,
                                                    cfg_scale=cfg.teacher_cfg, progress=False, shift=cfg.fm_shift))
         else:   # the causal student (4 guided steps per unit), or the DMD generator (its steps, guidance distilled)
             chunk = 1 + (cfg.frames - 1) // cfg.ft
             steps, cfg_scale = unit_steps(stage, cfg), default_cfg(stage, cfg)
-            z = stats.denormalize(generate_student(model, prompts, n_latent, chunk, side, channels, generator, cfg.unit,
+            z = stats.denormalize(generate_student(model, prompts, n_latent, chunk, grid, channels, generator, cfg.unit,
                                                    cfg.unit_kwargs(), steps, cfg_scale, progress=False,
                                                    shift=cfg.fm_shift))
         video = data.from_model(tok.decode(z), squeeze=False)[..., 0]
@@ -459,9 +460,9 @@ def read_clips(p, flag, path, cfg, whole=True):
     except (TypeError, ValueError) as e:
         p.error(f"{flag}: {e}")
     n, frames, h, w, channels = data.check_video(video).shape
-    if (h, w, channels) != (cfg.size, cfg.size, 1) or whole and (frames - 1) % cfg.ft:
+    if (h, w, channels) != (*hw(cfg.frame_grid()), 1) or whole and (frames - 1) % cfg.ft:
         p.error(f"{flag} {path}: {frames} frames of {h}x{w}x{channels}; allowed 1 + {cfg.ft}*k grey frames of "
-                f"{cfg.size}x{cfg.size} (this run's tokenizer)")
+                "{}x{} (this run's tokenizer)".format(*hw(cfg.frame_grid())))
     return video
 
 
@@ -516,19 +517,19 @@ def run_flow(p, args):
     gen = torch.Generator(args.device).manual_seed(args.seed)
     frames, clip, z_ctx = frames_and_context(p, args, cfg, tok)
     n_latent = 1 + (frames - 1) // cfg.ft
-    channels, side = stats.shape(cfg.z_channels, tok.latent_side)    # the flow models' token grid
+    channels, grid = stats.shape(cfg.z_channels, tok.latent_grid)    # the flow models' token grid
     n = args.num if clip is None else len(clip)
     prompts = parse_prompts(p, args, n, cfg.num_digits, gen).to(args.device) \
         if (args.prompt is not None or clip is None) else None
     if args.method == "teacher":
         if clip is not None:
             p.error("--context needs --method student or dmd (the teacher generates whole clips)")
-        z = generate_teacher(model, prompts, n_latent, side, channels, gen, args.steps or 25, cfg_scale,
+        z = generate_teacher(model, prompts, n_latent, grid, channels, gen, args.steps or 25, cfg_scale,
                              shift=cfg.fm_shift)
     else:
         chunk = 1 + (cfg.frames - 1) // cfg.ft
         try:
-            z = generate_student(model, prompts, n_latent, chunk, side, channels, gen, cfg.unit, cfg.unit_kwargs(),
+            z = generate_student(model, prompts, n_latent, chunk, grid, channels, gen, cfg.unit, cfg.unit_kwargs(),
                                  args.steps or unit_steps(stage, cfg), cfg_scale,
                                  None if z_ctx is None else stats.normalize(z_ctx),
                                  args.context_len, shift=cfg.fm_shift)

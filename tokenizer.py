@@ -28,6 +28,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 from einops import rearrange
 
+from model import hw
+
 
 @dataclass
 class TokenizerConfig:
@@ -41,11 +43,15 @@ class TokenizerConfig:
     scales: tuple = ()         # side lengths s_1 < ... < s_K; () = 1, 2, 4, ... up to the latent side
     beta: float = 0.25         # commitment weight (VQ-VAE, van den Oord et al. 2017)
 
-    def scale_schedule(self, latent_side):
-        s = tuple(self.scales) or tuple(2 ** i for i in range(latent_side.bit_length()) if 2 ** i <= latent_side)
-        if s[-1] != latent_side or list(s) != sorted(set(s)):
-            raise ValueError(f"scale schedule {s} must increase and end at the latent side {latent_side}")
-        return s
+    def scale_schedule(self, latent_grid):
+        """The pyramid's grids for a latent frame of `latent_grid` cells (model.hw: an int when square, else (h, w)):
+        the sides s_k of --scales (default powers of 2) on a square grid; on a rectangular one they are the heights,
+        each with the width of the frame's aspect, round(s_k * w / h) >= 1 (Infinity's aspect-ratio schedules)."""
+        h, w = hw(latent_grid)
+        s = tuple(self.scales) or tuple(2 ** i for i in range(h.bit_length()) if 2 ** i <= h)
+        if s[-1] != h or list(s) != sorted(set(s)):
+            raise ValueError(f"scale schedule {s} must increase and end at the latent side {h}")
+        return s if h == w else tuple((k, max(1, round(k * w / h))) for k in s)
 
 
 # ------------------------------------------------------------------------------------------- conv blocks
@@ -195,10 +201,10 @@ class MultiScaleVQ(nn.Module):
     `quant_resi`; this is VAR with `quant_resi=0`), so up(e(R_k)) is the bicubic-upsampled embedding itself. Apart
     from that the codes, f_hat and next-scale inputs agree exactly with VAR's quantizer (compared numerically)."""
 
-    def __init__(self, cfg: TokenizerConfig, latent_side):
+    def __init__(self, cfg: TokenizerConfig, latent_grid):
         super().__init__()
-        self.scales = cfg.scale_schedule(latent_side)
-        self.side, self.beta = latent_side, cfg.beta
+        self.scales = cfg.scale_schedule(latent_grid)
+        self.grid, self.beta = hw(latent_grid), cfg.beta
         self.codebook = nn.Parameter(torch.randn(cfg.vocab, cfg.z_channels) * 0.1)
         self.register_buffer("usage", torch.zeros(len(self.scales), cfg.vocab))  # EMA of code use per scale
         self.register_buffer("initialised", torch.tensor(False))
@@ -214,7 +220,7 @@ class MultiScaleVQ(nn.Module):
     def up(self, idx):
         """codes [N, s, s] -> their embeddings upsampled to the latent grid [N, c, h, w]."""
         e = rearrange(self.codebook[idx], "n h w c -> n c h w")
-        return e if e.shape[-1] == self.side else F.interpolate(e, size=self.side, mode="bicubic")
+        return e if tuple(e.shape[-2:]) == self.grid else F.interpolate(e, size=self.grid, mode="bicubic")
 
     def next_scale_input(self, f_hat, idx, k):
         """Add scale k's codes to the running sum and return (f_hat_k, input of scale k+1).
@@ -225,7 +231,7 @@ class MultiScaleVQ(nn.Module):
         f_hat = f_hat + self.up(idx)
         if k + 1 == len(self.scales):
             return f_hat, None
-        return f_hat, F.interpolate(f_hat, size=self.scales[k + 1], mode="area")
+        return f_hat, F.interpolate(f_hat, size=hw(self.scales[k + 1]), mode="area")
 
     def forward(self, f, corrupt=None):
         """Quantize f [N,c,h,w] scale by scale.
@@ -242,7 +248,7 @@ class MultiScaleVQ(nn.Module):
         f_hat, codes, inputs, loss = torch.zeros_like(f), [], [], 0.0
         for k, s in enumerate(self.scales):
             rest = f.detach() - f_hat.detach()
-            r = F.interpolate(rest, size=s, mode="area") if s != self.side else rest
+            r = F.interpolate(rest, size=hw(s), mode="area") if hw(s) != self.grid else rest
             idx = self.lookup(r)
             codes.append(idx)
             if self.training:
@@ -275,11 +281,13 @@ class MultiScaleVQ(nn.Module):
 # ------------------------------------------------------------------------------------------- the tokenizer
 class Tokenizer(nn.Module):
     def __init__(self, cfg: TokenizerConfig, size):
+        """size: the frames' side in pixels, or (height, width) for rectangular frames (--canvas-w)."""
         super().__init__()
         self.cfg, self.size = cfg, size
-        self.latent_side = size // cfg.down
+        h, w = hw(size)
+        self.latent_grid = h // cfg.down if h == w else (h // cfg.down, w // cfg.down)   # model.hw's convention
         self.ae = CausalAE(cfg)
-        self.vq = MultiScaleVQ(cfg, self.latent_side)
+        self.vq = MultiScaleVQ(cfg, self.latent_grid)
 
     def config(self):
         return {"tokenizer": asdict(self.cfg), "size": self.size}
@@ -289,8 +297,9 @@ class Tokenizer(nn.Module):
         return self.vq.scales
 
     def encode(self, x):
-        if x.shape[-1] != self.size or x.shape[-2] != self.size:
-            raise ValueError(f"this tokenizer was built for {self.size}x{self.size} frames, got {tuple(x.shape[-2:])}")
+        if tuple(x.shape[-2:]) != hw(self.size):
+            raise ValueError("this tokenizer was built for {}x{} frames, got {}".format(*hw(self.size),
+                                                                                       tuple(x.shape[-2:])))
         return self.ae.encode(x)
 
     def decode(self, z):
@@ -312,11 +321,11 @@ class Tokenizer(nn.Module):
         to nothing and every digit stroke lives in the last scale, which the transformer samples in one parallel
         step (see README, "Why the coarse scales"). x [B,C,T,H,W], z [B,c,t,h,w] -> scalar."""
         s, b = self.scales[k], z.shape[0]
-        low = F.interpolate(F.interpolate(rearrange(z, "b c t h w -> (b t) c h w"), size=s, mode="area"),
-                            size=self.latent_side, mode="bicubic")
-        side = min(4 * s, x.shape[-1])
+        low = F.interpolate(F.interpolate(rearrange(z, "b c t h w -> (b t) c h w"), size=hw(s), mode="area"),
+                            size=hw(self.latent_grid), mode="bicubic")
+        blur = tuple(min(4 * a, b) for a, b in zip(hw(s), x.shape[-2:]))
         images = rearrange(x, "b c t h w -> (b t) c h w")
-        target = F.interpolate(F.interpolate(images, size=side, mode="area"), size=x.shape[-2:], mode="bilinear")
+        target = F.interpolate(F.interpolate(images, size=blur, mode="area"), size=x.shape[-2:], mode="bilinear")
         rec = self.decode(rearrange(low, "(b t) c h w -> b c t h w", b=b))
         return F.mse_loss(rec, rearrange(target, "(b t) c h w -> b c t h w", b=b))
 
@@ -338,12 +347,12 @@ class Tokenizer(nn.Module):
         f = rearrange(z.float(), "b c t h w -> b t c h w")
         out = []
         for k, s in enumerate(self.scales):
-            down = f if s == self.latent_side else F.interpolate(f.flatten(0, 1), size=s, mode="area").view(
-                *f.shape[:3], s, s)
-            r = down if k == 0 else down - inputs[k - 1].float()                            # [B,t,c,s,s]
-            d = torch.cdist(rearrange(r, "b t c h w -> b t h w c").flatten(0, 3), e).pow(2)   # [(B t s s), V]
+            down = f if hw(s) == self.vq.grid else F.interpolate(f.flatten(0, 1), size=hw(s), mode="area").view(
+                *f.shape[:3], *hw(s))
+            r = down if k == 0 else down - inputs[k - 1].float()                            # [B,t,c,s_h,s_w]
+            d = torch.cdist(rearrange(r, "b t c h w -> b t h w c").flatten(0, 3), e).pow(2)   # [(B t s_h s_w), V]
             q = torch.softmax(-(d - d.min(1, keepdim=True).values) / (tau * gap), 1)
-            out.append(q.view(*r.shape[:2], s, s, -1))
+            out.append(q.view(*r.shape[:2], *hw(s), -1))
         return out
 
     def codes_to_fhat(self, codes):
@@ -377,15 +386,18 @@ class LatentStats:
     @classmethod
     def measure(cls, z, per_channel=True, patch=1):
         """z [B,c,t,h,w] of training clips -> the stats that make it zero-mean, unit-variance."""
-        if z.shape[-1] % patch:
-            raise ValueError(f"--fm-patch {patch} does not divide the latent side {z.shape[-1]}")
+        if z.shape[-1] % patch or z.shape[-2] % patch:
+            raise ValueError(f"--fm-patch {patch} does not divide the latent grid {tuple(z.shape[-2:])}")
         if per_channel:
             return cls(z.mean((0, 2, 3, 4)), z.std((0, 2, 3, 4)), patch)
         return cls(torch.zeros(z.shape[1]), z.std().expand(z.shape[1]), patch)
 
-    def shape(self, channels, side):
-        """(channels, side) of the latent -> (features per token, tokens per side) of what the flow models see."""
-        return channels * self.patch ** 2, side // self.patch
+    def shape(self, channels, grid):
+        """(channels, grid) of the latent (grid: model.hw's int or (h, w)) -> (features per token, token grid) of
+        what the flow models see, the grid in the same form."""
+        h, w = hw(grid)
+        tokens = (h // self.patch, w // self.patch)
+        return channels * self.patch ** 2, tokens[0] if h == w else tokens
 
     def _shape(self, v, like):
         return v.to(like.device, like.dtype).view(1, -1, 1, 1, 1)

@@ -32,14 +32,14 @@ from checkpoint import (build_ar, build_tokenizer, check_tokenizer, load_checkpo
                         tokenizer_id, trained_weights)
 from config import (SEED, CheckError, autocast, check_config, check_device, check_flags, check_path, config_from_args,
                     one_line_errors, parser, seed_everything)
-from model import (Layout, Transformer, ar_sequence, flow_pair, flow_times, frame_scale_layout, frame_scale_order,
-                   partition, unit_layout)
+from model import (Layout, Transformer, ar_sequence, cells, flow_pair, flow_times, frame_scale_layout,
+                   frame_scale_order, partition, unit_layout)
 from sample import generate_teacher, random_prompts, reconstruct, sample_stage, write_sample_gif
 from tokenizer import LatentStats
 
 STAGES = ["tokenizer", "ar", "teacher", "causal", "dmd"]
 QUICKSTART = STAGES[:4]     # --stage all; dmd runs on its own command (README)
-TOKENIZER_KEYS = ["size", "ft", "down", "patch", "width", "z_channels", "vocab", "scales"]
+TOKENIZER_KEYS = ["size", "canvas_w", "ft", "down", "patch", "width", "z_channels", "vocab", "scales"]
 MODEL_KEYS = TOKENIZER_KEYS + ["dim", "depth", "heads", "num_digits", "ordered_prompt"]
 TEACHER_INIT_KEYS = MODEL_KEYS + ["fm_patch"]   # what the student and DMD's scorers need of the teacher they start from
 
@@ -169,14 +169,14 @@ def teacher_clips(cfg, args, teacher, stats, clip_latent, shard):
     sampled from its base model): m clips of micro-batch `shard`, random prompts, sampled by the teacher (25 Euler
     steps, CFG 3, the grid shifted as in training) -> (scaled z [m,c,t,h,w], the layout stats.normalize gives,
     prompts [m,n])."""
-    channels, side = stats.shape(cfg.z_channels, cfg.size // cfg.down)
+    channels, grid = stats.shape(cfg.z_channels, cfg.frame_grid(cfg.down))
 
     @torch.no_grad()
     def fresh(s, m):
         gen = torch.Generator(args.device).manual_seed(batch_seed(args.seed, "causal", s, shard))
         prompts = random_prompts(m, cfg.num_digits, gen)
         with autocast(args.device, args.precision):
-            z = generate_teacher(teacher, prompts, clip_latent, side, channels, gen, cfg_scale=cfg.teacher_cfg,
+            z = generate_teacher(teacher, prompts, clip_latent, grid, channels, gen, cfg_scale=cfg.teacher_cfg,
                                  progress=False, shift=cfg.fm_shift)
         return z.float(), prompts
     return fresh
@@ -380,7 +380,7 @@ def eval_tokenizer(tok, clips, device):
         p = torch.bincount(idx.flatten(), minlength=tok.cfg.vocab).float() / idx.numel()
         usage.append(float((p > 0).float().mean()))
         perplexity.append(float(torch.exp(-(p[p > 0] * p[p > 0].log()).sum())))
-    bits = sum(s * s for s in tok.scales) * math.log2(tok.cfg.vocab)
+    bits = sum(cells(s) for s in tok.scales) * math.log2(tok.cfg.vocab)
     tok.train()
     return dict(psnr_cont=psnr(clips, cont), psnr_quant=psnr(clips, quant), usage=usage, perplexity=perplexity,
                 bits_per_latent_frame=bits), cont, quant
@@ -494,7 +494,7 @@ def eval_ar(model, tok, clips, labels, device):
     was_training = model.training
     model.eval()
     n_latent = 1 + (clips.shape[1] - 1) // tok.cfg.ft
-    pos, unit, frame = (a.to(device) for a in frame_scale_layout(n_latent, tok.scales, tok.latent_side))
+    pos, unit, frame = (a.to(device) for a in frame_scale_layout(n_latent, tok.scales, tok.latent_grid))
     K = len(tok.scales)
     codes, inputs, f_hat, _ = tok.quantize(tok.encode(data.to_model(clips, device)))
     x, y = ar_sequence(inputs, codes, f_hat)
@@ -541,7 +541,7 @@ def train_ar(cfg, args, digits, out, tok):
     n_mixed = round(cfg.image_mix * micro(cfg.ar_batch, args) * clip_latent)   # images beside each clip batch
     layouts = {}    # n latent frames -> Layout (forward mask; level = scale index), frame [L] (latent frame index)
     for n in ({1, clip_latent} if n_image or n_mixed else {clip_latent}):
-        pos, unit, frame = (a.to(device) for a in frame_scale_layout(n, tok.scales, tok.latent_side))
+        pos, unit, frame = (a.to(device) for a in frame_scale_layout(n, tok.scales, tok.latent_grid))
         layouts[n] = Layout(pos, unit, level=unit % len(tok.scales)), frame
     held, held_labels = heldout_clips(cfg, digits, cfg.eval_clips)
     curve = Curve(out, "ar", args, state, cfg, digits)
@@ -654,12 +654,12 @@ def train_flow(cfg, args, digits, out, tok, stage):
     tok = tok.to(device).eval().requires_grad_(False)
     tok_id = tokenizer_id(tok)
     clip_latent = 1 + (cfg.frames - 1) // cfg.ft     # latent frames of a training clip
-    side = stats.shape(cfg.z_channels, tok.latent_side)[1]
+    grid = stats.shape(cfg.z_channels, tok.latent_grid)[1]
     kind = "frame" if stage == "teacher" else cfg.unit
     n_image = image_steps(cfg, steps) if stage == "teacher" else 0
 
     def units_of(n_latent):   # -> order [L] (raster index of each token), Layout, number of units
-        order, pos, unit = unit_layout(kind, n_latent, side, **cfg.unit_kwargs())
+        order, pos, unit = unit_layout(kind, n_latent, grid, **cfg.unit_kwargs())
         pos, unit = pos.to(device), unit.to(device)
         n_units = int(unit.max()) + 1
         if stage == "teacher":
@@ -772,13 +772,13 @@ def train_dmd(cfg, args, digits, out, tok):
     teacher = teacher.to(device).eval().requires_grad_(False)
     tok = tok.to(device).eval().requires_grad_(False)
     tok_id = tokenizer_id(tok)
-    channels, side = stats.shape(cfg.z_channels, tok.latent_side)
+    channels, grid = stats.shape(cfg.z_channels, tok.latent_grid)
     clip_latent = 1 + (cfg.frames - 1) // cfg.ft     # latent frames of a training clip
-    order, pos, unit = unit_layout(cfg.unit, clip_latent, side, **cfg.unit_kwargs())
+    order, pos, unit = unit_layout(cfg.unit, clip_latent, grid, **cfg.unit_kwargs())
     layout = Layout(pos.to(device), unit.to(device))   # the generator's units; each scorer sets its own mask
 
     def clip(prompts, gen):   # the generator's clip in its unit layout [B,L,c]; gradient as the caller's context
-        z = dmd.rollout(generator, prompts, clip_latent, side, channels, gen, cfg.unit, cfg.unit_kwargs(),
+        z = dmd.rollout(generator, prompts, clip_latent, grid, channels, gen, cfg.unit, cfg.unit_kwargs(),
                         cfg.dmd_unit_steps, cfg.fm_shift)
         return partition(z, order)
 

@@ -6,17 +6,17 @@ import torch
 import sample
 from conftest import randomised
 import train
-from model import KVCache, Layout, ModelConfig, Transformer, ar_sequence, frame_scale_layout, unit_mask
+from model import KVCache, Layout, ModelConfig, Transformer, ar_sequence, frame_scale_layout, hw, unit_mask
 from tokenizer import Tokenizer, TokenizerConfig
 
 SCALES, SIDE, FRAMES = (1, 2, 4), 4, 3
 C = 2 * 8      # paper A token features: [next-scale input || previous frame] (model.ar_sequence)
 
 
-def make_tok(scales=SCALES):
+def make_tok(scales=SCALES, size=64):
     torch.manual_seed(0)
-    t = Tokenizer(TokenizerConfig(down=16, width=16, z_channels=8, vocab=32, scales=scales), 64)
-    t.train().quantize(t.encode(torch.rand(2, 1, 9, 64, 64) * 2 - 1))   # initialise the codebook from data
+    t = Tokenizer(TokenizerConfig(down=16, width=16, z_channels=8, vocab=32, scales=scales), size)
+    t.train().quantize(t.encode(torch.rand(2, 1, 9, *hw(size)) * 2 - 1))   # initialise the codebook from data
     return t.eval()
 
 
@@ -30,8 +30,8 @@ def model():
     return randomised(Transformer(ModelConfig(dim=32, depth=2, heads=2, in_channels=16, vocab=32, levels=len(SCALES))))
 
 
-def layout(scales=SCALES):
-    pos, unit, frame = frame_scale_layout(FRAMES, scales, SIDE)
+def layout(scales=SCALES, grid=SIDE):
+    pos, unit, frame = frame_scale_layout(FRAMES, scales, grid)
     return pos, unit, frame, unit % len(scales)
 
 
@@ -93,16 +93,18 @@ def test_rope_turns_each_pair_by_its_axis_angle():
     assert torch.allclose(dot(0.0), dot(torch.tensor([3.0, -2.0, 7.0])), atol=1e-4)
 
 
-@pytest.mark.parametrize("scales", [SCALES, (2, 4), (4,)])
-def test_sampling_loop_with_cache_equals_full_teacher_forced_forward(model, scales):
+@pytest.mark.parametrize("scales, size", [(SCALES, 64), ((2, 4), 64), ((4,), 64), (SCALES, (64, 96))])
+def test_sampling_loop_with_cache_equals_full_teacher_forced_forward(model, scales, size):
     """generate_ar, teacher-forced with given codes, must feed exactly what training feeds (one next-scale-input
     function) and, through the KV cache, produce the logits of one masked forward over the whole sequence -- for
-    any scale schedule, including one that starts above 1x1 and a single scale."""
-    tok = make_tok(scales)
-    z = tok.encode(torch.rand(2, 1, 9, 64, 64) * 2 - 1)
+    any scale schedule, including one that starts above 1x1 and a single scale, and on rectangular frames (a
+    64x96 canvas: scales 1x2, 2x3, 4x6)."""
+    tok = make_tok(scales, size)
+    z = tok.encode(torch.rand(2, 1, 9, *hw(size)) * 2 - 1)
     codes, inputs, f_hat, _ = tok.quantize(z)
+    assert [tuple(c.shape[-2:]) for c in codes] == [hw(s) for s in tok.scales]
     x, y = ar_sequence(inputs, codes, f_hat)
-    pos, unit, _, level = layout(scales)
+    pos, unit, _, level = layout(tok.scales, tok.latent_grid)
     prompt = torch.tensor([[1, 2], [3, 4]])
     full = model(x, Layout(pos, unit, level=level), prompt)
     seen = []

@@ -28,7 +28,8 @@ TALLY = {}   # script -> (pairs tried, clean errors)
 # Config fields where 0 is a meaningful value (off, none, static digits); every other numeric field refuses 0
 ZERO_OK = {"speed", "tok_beta", "tok_ema", "tok_coarse", "ec_strength", "frame_mask", "ordered_prompt", "cond_drop",
            "image_frac", "dmd_t_min", "dmd_cfg", "teacher_cfg", "dmd_ema", "gen_ema", "dim", "heads", "warmup",
-           "weight_decay", "tok_weight_decay", "ar_soft", "image_mix"}   # dim, heads 0: derived from --depth (the size dial)
+           "weight_decay", "tok_weight_decay", "ar_soft", "image_mix",
+           "canvas_w"}   # dim, heads 0: derived from --depth (the size dial); canvas_w 0: square frames
 SHARES = {"tok_ema", "ec_strength", "frame_mask", "cond_drop", "image_frac", "dmd_t_min", "dmd_t_max", "dmd_ema",
           "gen_ema"}
 STRINGS = {   # bad values of the string fields (the tiny preset: 64x64, down 8, fm_patch 2 -> 3x4x4 flow tokens)
@@ -36,7 +37,8 @@ STRINGS = {   # bad values of the string fields (the tiny preset: 64x64, down 8,
     "scales": ["abc", "0,8", "1,2,4", "8,4,2,1", "1,2,4,8,16", ","], "fm_norm": ["", "abc"], "fm_time": ["", "abc"],
     "dmd_fake": ["", "abc"], "causal_data": ["", "abc"], "betas": ["", "abc", "0.9", "0.9,1", "0.9,-0.1", "0.9,0.95,0.99", "nan,0.9"],
 }
-CROSS = {"frames": ["10"], "tok_frames": ["6"], "size": ["100"], "dim": ["31"], "heads": ["3"], "ft": ["3"],
+CROSS = {"frames": ["10"], "canvas_w": ["100", "20"],
+         "tok_frames": ["6"], "size": ["100"], "dim": ["31"], "heads": ["3"], "ft": ["3"],
          "head_dim": ["7"],
          "fm_patch": ["3"], "dmd_t_min": ["0.99"], "down": ["3"], "patch": ["3"], "ordered_prompt": ["2"]}
 

@@ -3,7 +3,7 @@ activation checkpointing, the unmasked full attention, and the KV cache kept on 
 import pytest
 import torch
 
-from config import PRESETS, Config
+from config import PRESETS, Config, check_config
 from checkpoint import build_ar
 from model import KVCache, Layout, Transformer, unit_layout
 
@@ -21,6 +21,16 @@ def test_paper_presets_have_the_papers_parameter_counts(preset):
     kind, paper = PAPERS[preset]
     n = params(Config(**PRESETS[preset]), kind)
     assert abs(n - paper) / paper < 0.10, f"{preset}: {n / 1e9:.2f}B parameters, the paper's {paper / 1e9:.1f}B"
+
+
+@pytest.mark.parametrize("preset", sorted(PRESETS))
+def test_every_preset_passes_the_flag_checks(preset):
+    """A preset the flag checks refuse would end `train.py --config NAME` before it starts (paper-a did, on the flow
+    models' cube, until its unit was set); the papers' presets keep the papers' frame sizes (384x672, 480x832)."""
+    import argparse
+    cfg = Config(**PRESETS[preset])
+    check_config(argparse.ArgumentParser(), cfg)
+    assert {"paper-a": (384, 672), "paper-b": (480, 832)}.get(preset, cfg.frame_grid()) == cfg.frame_grid()
 
 
 def test_the_dial_derives_width_and_heads_and_every_field_overrides_it():

@@ -116,7 +116,7 @@ def test_coarse_loss_sees_only_what_its_scale_can_carry():
     x = torch.rand(1, 1, 5, 64, 64) * 2 - 1
     z = tok.encode(x)
     k, s = 1, tok.scales[1]                          # 2 x 2 cells of 4 x 4 latent positions
-    cell = tok.latent_side // s
+    cell = tok.latent_grid // s
     wiggle = torch.tensor([[1.0, -1.0], [-1.0, 1.0]]).repeat(cell // 2, cell // 2).repeat(s, s)   # zero mean per cell
     base = tok.coarse_loss(x, z, k)
     assert torch.allclose(tok.coarse_loss(x, z + 3 * wiggle, k), base, atol=1e-6)

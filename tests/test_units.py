@@ -5,13 +5,16 @@ import torch
 
 import sample
 from conftest import randomised
-from model import KVCache, Layout, ModelConfig, Transformer, merge, partition, unit_layout, unit_mask
+from model import KVCache, Layout, ModelConfig, Transformer, hw, merge, partition, unit_layout, unit_mask
 
 T, SIDE, C = 4, 8, 6
 SCALES = (1, 2, 4, 8)
-CASES = [("frame", {}, 4), ("keydetail", dict(stride=2), 2), ("cube", dict(cube=(2, 4, 4)), 8),
-         ("cube", dict(cube=(1, 2, 2)), 64), ("cube", dict(cube=(4, 4, 4)), 4), ("scale", dict(scales=SCALES), 4)]
-IDS = [f"{k}-{v}" for k, v, _ in CASES]
+RECT, RECT_SCALES = (8, 12), ((1, 2), (2, 3), (4, 6), (8, 12))   # --canvas-w: a 64x96 frame's 8x12 latent
+CASES = [(SIDE, "frame", {}, 4), (SIDE, "keydetail", dict(stride=2), 2), (SIDE, "cube", dict(cube=(2, 4, 4)), 8),
+         (SIDE, "cube", dict(cube=(1, 2, 2)), 64), (SIDE, "cube", dict(cube=(4, 4, 4)), 4),
+         (SIDE, "scale", dict(scales=SCALES), 4),
+         (RECT, "frame", {}, 4), (RECT, "cube", dict(cube=(2, 4, 4)), 12), (RECT, "scale", dict(scales=RECT_SCALES), 4)]
+IDS = [f"{g}-{k}-{v}" for g, k, v, _ in CASES]
 
 
 @pytest.fixture(scope="module")
@@ -19,13 +22,16 @@ def model():
     return randomised(Transformer(ModelConfig(dim=32, depth=2, heads=2, in_channels=C)))
 
 
-@pytest.mark.parametrize("kind,kw,n_units", CASES, ids=IDS)
-def test_partition_merge_round_trip_and_unit_counts(kind, kw, n_units):
-    z = torch.randn(2, C, T, SIDE, SIDE)
-    order, pos, unit = unit_layout(kind, T, SIDE, **kw)
+@pytest.mark.parametrize("grid,kind,kw,n_units", CASES, ids=IDS)
+def test_partition_merge_round_trip_and_unit_counts(grid, kind, kw, n_units):
+    z = torch.randn(2, C, T, *hw(grid))
+    order, pos, unit = unit_layout(kind, T, grid, **kw)
     tokens = partition(z, order, kw.get("scales", ()))
     assert len(unit.unique()) == n_units and tokens.shape[1] == len(unit) == len(pos)
-    assert torch.equal(merge(tokens, order, T, SIDE), z)
+    assert torch.equal(merge(tokens, order, T, grid), z)
+    if order is not None:                                      # every cell of the latent once, at its own position
+        t, h, w = torch.meshgrid(*(torch.arange(n) for n in (T, *hw(grid))), indexing="ij")
+        assert torch.equal(pos, torch.stack([t, h, w], -1).view(-1, 3).float()[order])
     assert (unit[1:] >= unit[:-1]).all()                     # tokens are laid out in unit order
     if kind == "keydetail":                                    # frames 0, 2 first, then 1, 3
         assert pos[unit == 0, 0].unique().tolist() == [0, 2] and pos[unit == 1, 0].unique().tolist() == [1, 3]
@@ -55,9 +61,9 @@ def test_masks_follow_unit_order():
     assert not m[:5, 5:].any()                                 # clean tokens never see noisy ones
 
 
-@pytest.mark.parametrize("kind,kw,n_units", CASES, ids=IDS)
-def test_forward_and_backward_masks_are_causal_in_their_direction(model, kind, kw, n_units):
-    _, pos, unit = unit_layout(kind, T, SIDE, **kw)
+@pytest.mark.parametrize("grid,kind,kw,n_units", CASES, ids=IDS)
+def test_forward_and_backward_masks_are_causal_in_their_direction(model, grid, kind, kw, n_units):
+    _, pos, unit = unit_layout(kind, T, grid, **kw)
     x, prompt = torch.randn(1, len(unit), C), torch.tensor([[1, 2]])
     flow_t = torch.rand(1, len(unit))
     mid = n_units // 2
@@ -73,11 +79,11 @@ def test_forward_and_backward_masks_are_causal_in_their_direction(model, kind, k
     assert full[:, unit != mid].abs().max() > 1e-3              # full attention: everything sees the change
 
 
-@pytest.mark.parametrize("kind,kw,n_units", CASES, ids=IDS)
-def test_incremental_with_cache_equals_teacher_forced_full_forward(model, kind, kw, n_units):
+@pytest.mark.parametrize("grid,kind,kw,n_units", CASES, ids=IDS)
+def test_incremental_with_cache_equals_teacher_forced_full_forward(model, grid, kind, kw, n_units):
     """Denoising a unit against the cache of clean earlier units (then appending it clean) gives exactly the
     outputs of the training forward over the clean/noisy layout."""
-    _, pos, unit = unit_layout(kind, T, SIDE, **kw)
+    _, pos, unit = unit_layout(kind, T, grid, **kw)
     L = len(unit)
     x0, xt = torch.randn(1, L, C), torch.randn(1, L, C)
     flow_t = torch.rand(1, n_units)[:, unit]
@@ -96,19 +102,19 @@ def test_incremental_with_cache_equals_teacher_forced_full_forward(model, kind, 
     assert torch.allclose(torch.cat(got_clean, 1), full[:, :L], atol=1e-4)
 
 
-@pytest.mark.parametrize("kind,kw,n_units", CASES, ids=IDS)
-def test_student_stream_teacher_forced_equals_masked_forward(model, kind, kw, n_units):
+@pytest.mark.parametrize("grid,kind,kw,n_units", CASES, ids=IDS)
+def test_student_stream_teacher_forced_equals_masked_forward(model, grid, kind, kw, n_units):
     """generate_student walks the units in the training order: teacher-forced with a whole clip as context, the
     clean re-forwards it writes into the cache produce the outputs of one forward-masked pass over the clip."""
-    z = torch.randn(1, C, T, SIDE, SIDE)
-    order, pos, unit = unit_layout(kind, T, SIDE, **kw)
+    z = torch.randn(1, C, T, *hw(grid))
+    order, pos, unit = unit_layout(kind, T, grid, **kw)
     prompt = torch.tensor([[3, 4]])
     ref = model(partition(z, order, kw.get("scales", ())), Layout(pos, unit), prompt, flow_t=torch.zeros(1, len(unit)))
     seen = []
     hook = model.register_forward_hook(lambda m, a, kwargs, out: seen.append(out) if kwargs.get("append") else None,
                                        with_kwargs=True)
     try:
-        out = sample.generate_student(model, prompt, T, T, SIDE, C, torch.Generator(), kind, kw, cfg_scale=1.0,
+        out = sample.generate_student(model, prompt, T, T, grid, C, torch.Generator(), kind, kw, cfg_scale=1.0,
                                       context=z, progress=False, fold=False)   # every unit's own re-forward
     finally:
         hook.remove()
@@ -199,3 +205,17 @@ def test_folded_stream_equals_unfolded(model, kind, kw, context_len, cfg_scale, 
     torch.testing.assert_close(videos[0], videos[1], atol=1e-5, rtol=1e-4)
     if not n_ctx:
         assert calls == [2 * n_units, 3 * n_units]
+
+
+def test_rectangular_grids_keep_height_and_width_apart():
+    """--canvas-w: a grid is (height, width) everywhere -- positions, paper A's scale pyramid, the config's grids."""
+    from config import Config
+    from model import grid_positions
+    from tokenizer import TokenizerConfig
+    assert grid_positions([0], (1, 2), (4, 6)).tolist() == [[0, 1.5, 1.0], [0, 1.5, 4.0]]   # cell centres
+    assert TokenizerConfig(scales=(1, 2, 4)).scale_schedule((4, 6)) == ((1, 2), (2, 3), (4, 6))
+    assert TokenizerConfig().scale_schedule((8, 12)) == ((1, 2), (2, 3), (4, 6), (8, 12))   # heights: powers of 2
+    assert TokenizerConfig().scale_schedule(8) == (1, 2, 4, 8)                             # square: sides
+    cfg = Config(size=64, canvas_w=96, down=8, fm_patch=2, unit="scale")
+    assert cfg.frame_grid() == (64, 96) and cfg.frame_grid(8) == (8, 12) and Config(size=64).frame_grid(8) == 8
+    assert cfg.unit_kwargs()["scales"] == ((1, 2), (2, 3), (4, 6))                        # those of the 4x6 tokens
