@@ -70,7 +70,7 @@ def train_steps(cfg, tok, ar, flow, device, b, amp, fstats):
     video, labels = data.moving_mnist(b, digits, "train", data.mm_config(cfg), seed=0)
     x = data.to_model(video, device)
     prompt = torch.from_numpy(labels).to(device)
-    n_latent = 1 + (cfg.frames - 1) // cfg.ft
+    n_latent = cfg.latent_frames()
     pos, unit, _ = (a.to(device) for a in frame_scale_layout(n_latent, tok.scales, tok.latent_grid))
     ar_layout = Layout(pos, unit, level=unit % len(tok.scales))
     with torch.no_grad():
@@ -127,8 +127,8 @@ def main(argv=None):
     check_device(p, args.device)
     if args.long and (args.long - 1) % cfg.ft:
         p.error(f"--long {args.long}: allowed 0 (off) or 1 + {cfg.ft}*k frames")
-    tokens, chunk = cfg.frame_grid(cfg.down * cfg.fm_patch), 1 + (cfg.frames - 1) // cfg.ft
-    if args.long and len(stream_layout(cfg.unit, 1 + (args.long - 1) // cfg.ft, chunk, tokens,
+    tokens, chunk = cfg.frame_grid(cfg.down * cfg.fm_patch), cfg.latent_frames()
+    if args.long and len(stream_layout(cfg.unit, cfg.latent_frames(args.long), chunk, tokens,
                                        **cfg.unit_kwargs())) < 16:
         p.error(f"--long {args.long}: allowed 0 (off) or a video of at least 16 {cfg.unit} units (its timings compare "
                 f"a fresh stream's second tenth of the units with the last tenth)")
@@ -137,7 +137,7 @@ def main(argv=None):
     tok = Tokenizer(cfg.tokenizer_config(), cfg.frame_grid()).to(device).eval()
     ar = build_ar(cfg, cfg.vocab).to(device)
     flow = Transformer(cfg.model_config()).to(device)
-    n_latent = 1 + (cfg.frames - 1) // cfg.ft
+    n_latent = cfg.latent_frames()
     side, channels, n = tok.latent_grid, cfg.z_channels, args.num
     fstats = LatentStats(torch.zeros(channels), torch.ones(channels), cfg.fm_patch)   # unit stats: the token grid only
     fc, fside = fstats.shape(channels, side)
@@ -203,8 +203,8 @@ def main(argv=None):
 
 def long_video(args, cfg, flow, prompt, device, channels, side):
     """Streaming student over a long video: ms per unit and cache size early and at the end (paired_clock)."""
-    chunk = 1 + (cfg.frames - 1) // cfg.ft
-    latent = 1 + (args.long - 1) // cfg.ft
+    chunk = cfg.latent_frames()
+    latent = cfg.latent_frames(args.long)
     units = len(stream_layout(cfg.unit, latent, chunk, side, **cfg.unit_kwargs()))
 
     def stream(on_unit, progress):

@@ -163,6 +163,11 @@ class Config:
                            in_channels=self.z_channels * self.fm_patch ** 2,
                            slots=self.num_digits if self.ordered_prompt else 0)
 
+    def latent_frames(self, frames=None):
+        """Latent frames of `frames` video frames (default: a training clip, --frames): paper A's causal tokenizer
+        encodes frame 0 alone, then every --ft frames into one latent frame."""
+        return 1 + ((self.frames if frames is None else frames) - 1) // self.ft
+
     def frame_grid(self, per=1):
         """The frames' pixels per `per` (model.hw's form: an int when square, else (height, width)): per = down
         gives the latent grid, down * fm_patch the flow models' token grid."""
@@ -368,7 +373,7 @@ def check_config(p, cfg):
     cube = cfg.cube.split(",")
     need(len(cube) == 3 and all(c.strip().isdigit() and int(c) > 0 for c in cube),
          f"--cube {cfg.cube!r}: allowed three positive integers kt,kh,kw")
-    n_latent, (rows, cols) = 1 + (cfg.frames - 1) // cfg.ft, (side // cfg.fm_patch, width // cfg.fm_patch)
+    n_latent, (rows, cols) = cfg.latent_frames(), (side // cfg.fm_patch, width // cfg.fm_patch)
     kt, kh, kw = map(int, cube)
     need(cfg.unit != "cube" or not (n_latent % kt or rows % kh or cols % kw),
          f"--cube {cfg.cube!r}: allowed kt,kh,kw dividing the {n_latent}x{rows}x{cols} token grid "

@@ -91,7 +91,7 @@ def units(args, base, cfg, tok, digits, nets):
     """Paper B Table 2 (unit type) and Table 3 (cube size) on Moving MNIST: one causal student per row, each
     initialised from the same teacher and trained for cfg.causal_steps; 4 Euler steps per unit, CFG 3."""
     teacher, _, stats = checkpoint.load_flow(base, "teacher", args.device, tok)
-    n_latent, (channels, side) = 1 + (cfg.frames - 1) // cfg.ft, stats.shape(cfg.z_channels, tok.latent_grid)
+    n_latent, (channels, side) = cfg.latent_frames(), stats.shape(cfg.z_channels, tok.latent_grid)
     rows = {"frame": dict(unit="frame"), f"keydetail (k={cfg.stride})": dict(unit="keydetail"),
             "scale": dict(unit="scale")}
     for name, (a, b) in {"t/2 x h/2 x w/2": (2, 2), "t/4 x h/4 x w/4": (4, 4), "t x h/2 x w/2": (1, 2)}.items():
@@ -137,7 +137,7 @@ def ar(args, base, cfg, tok, digits, nets):
     next 3 ft: Moving MNIST's 10 -> 10 with our 1 + ft*k lengths), prompted with the clips' true digits."""
     rows = {"EC on, frame mask on": {}, "EC off, frame mask on": dict(ec_strength=0.0),
             "EC on, frame mask off": dict(frame_mask=0.0), "EC off, frame mask off": dict(ec_strength=0.0, frame_mask=0.0)}
-    trained = 1 + (cfg.frames - 1) // cfg.ft
+    trained = cfg.latent_frames()
     prompts = prompts_for(args.num, cfg.num_digits, args.seed)
     ctx_frames, total = 1 + 2 * cfg.ft, 1 + 5 * cfg.ft
     truth, labels = train.heldout_clips(cfg, digits, args.num // 2, frames=total, seed=99)
@@ -162,7 +162,7 @@ def ar(args, base, cfg, tok, digits, nets):
         gen = torch.Generator(args.device).manual_seed(args.seed)
         with torch.no_grad(), amp(args):
             codes = tok.quantize(tok.encode(data.to_model(truth[:, :ctx_frames], args.device)))[0]
-            pred = decode(tok, generate_ar(model, tok, labels.to(args.device), 1 + (total - 1) // cfg.ft, gen,
+            pred = decode(tok, generate_ar(model, tok, labels.to(args.device), cfg.latent_frames(total), gen,
                                            temperature=cfg.ar_temperature, context=codes, window=trained - 1,
                                            progress=False))[:, ctx_frames:]
         s = E.prediction_metrics(pred, truth[:, ctx_frames:])
@@ -184,8 +184,8 @@ def stream(args, base, cfg, tok, digits, nets):
     of windows of the trained length along the video (does quality drift?)."""
     model, c, stats = checkpoint.load_flow(base, args.generator, args.device, tok)
     steps, cfg_scale = args.unit_steps or unit_steps(args.generator, c), default_cfg(args.generator, c)
-    chunk, (channels, side) = 1 + (c.frames - 1) // c.ft, stats.shape(c.z_channels, tok.latent_grid)
-    latent = 1 + (args.long - 1) // c.ft
+    chunk, (channels, side) = c.latent_frames(), stats.shape(c.z_channels, tok.latent_grid)
+    latent = c.latent_frames(args.long)
     prompts = prompts_for(args.num, c.num_digits, args.seed).to(args.device)
 
     def stream(on_unit, progress):
@@ -271,7 +271,7 @@ def prompt(args, base, cfg, tok, digits, nets):
     model, c, stats = checkpoint.load_flow(base, "teacher", args.device, tok)
     clips, labels = train.heldout_clips(c, digits, args.num)
     channels, side = stats.shape(c.z_channels, tok.latent_grid)
-    order, pos, unit = unit_layout("frame", 1 + (c.frames - 1) // c.ft, side)
+    order, pos, unit = unit_layout("frame", c.latent_frames(), side)
     layout = Layout(pos.to(args.device), unit.to(args.device), mask="full")
     with amp(args):
         x0 = partition(stats.normalize(tok.encode(data.to_model(clips, args.device)).float()), order)
@@ -385,7 +385,7 @@ def main(argv=None):
         if args.what == "stream":   # the length against the student that streams it, in sample.stream_layout's units
             c = Config(**checkpoint.load_checkpoint(base / f"{args.generator}.pt")["config"])
             side, kw = c.frame_grid(c.down * c.fm_patch), c.unit_kwargs()
-            latent, chunk = 1 + (args.long - 1) // c.ft, 1 + (c.frames - 1) // c.ft
+            latent, chunk = c.latent_frames(args.long), c.latent_frames()
             kt = kw["cube"][0] if c.unit == "cube" else 1
             count = lambda n: int(unit_layout(c.unit, n, side, **kw)[2].max()) + 1 if n else 0   # units of n frames
             if (args.long - 1) % c.ft or latent < chunk or latent % kt \

@@ -304,7 +304,7 @@ def sample_stage(stage, model, cfg, tok, stats, prompts, generator, frames, args
     uint8 clips [N,frames,H,W]; stats: the flow models' LatentStats (None for 'ar')."""
     was_training = model.training
     model.eval()
-    n_latent = 1 + (frames - 1) // cfg.ft
+    n_latent = cfg.latent_frames(frames)
     if stage != "ar":   # the flow models' token grid (LatentStats.shape)
         channels, grid = stats.shape(cfg.z_channels, tok.latent_grid)
     with autocast(args.device, args.precision):
@@ -314,7 +314,7 @@ def sample_stage(stage, model, cfg, tok, stats, prompts, generator, frames, args
             z = stats.denormalize(generate_teacher(model, prompts, n_latent, grid, channels, generator,
                                                    cfg_scale=cfg.teacher_cfg, progress=False, shift=cfg.fm_shift))
         else:   # the causal student (4 guided steps per unit), or the DMD generator (its steps, guidance distilled)
-            chunk = 1 + (cfg.frames - 1) // cfg.ft
+            chunk = cfg.latent_frames()
             steps, cfg_scale = unit_steps(stage, cfg), default_cfg(stage, cfg)
             z = stats.denormalize(generate_student(model, prompts, n_latent, chunk, grid, channels, generator, cfg.unit,
                                                    cfg.unit_kwargs(), steps, cfg_scale, progress=False,
@@ -516,7 +516,7 @@ def run_flow(p, args):
     cfg_scale = default_cfg(args.method, cfg) if args.cfg is None else args.cfg
     gen = torch.Generator(args.device).manual_seed(args.seed)
     frames, clip, z_ctx = frames_and_context(p, args, cfg, tok)
-    n_latent = 1 + (frames - 1) // cfg.ft
+    n_latent = cfg.latent_frames(frames)
     channels, grid = stats.shape(cfg.z_channels, tok.latent_grid)    # the flow models' token grid
     n = args.num if clip is None else len(clip)
     prompts = parse_prompts(p, args, n, cfg.num_digits, gen).to(args.device) \
@@ -527,7 +527,7 @@ def run_flow(p, args):
         z = generate_teacher(model, prompts, n_latent, grid, channels, gen, args.steps or 25, cfg_scale,
                              shift=cfg.fm_shift)
     else:
-        chunk = 1 + (cfg.frames - 1) // cfg.ft
+        chunk = cfg.latent_frames()
         try:
             z = generate_student(model, prompts, n_latent, chunk, grid, channels, gen, cfg.unit, cfg.unit_kwargs(),
                                  args.steps or unit_steps(stage, cfg), cfg_scale,
@@ -544,7 +544,7 @@ def run_ar(p, args):
     model, cfg = load_ar(args.ckpt, args.device, tok)       # the model's config: its clip length and digit count
     gen = torch.Generator(args.device).manual_seed(args.seed)
     frames, clip, z_ctx = frames_and_context(p, args, cfg, tok)
-    clip_latent = 1 + (cfg.frames - 1) // cfg.ft     # latent frames of a training clip
+    clip_latent = cfg.latent_frames()   # of a training clip
     window = clip_latent - 1 if args.window < 0 else args.window
     context = None if z_ctx is None else tok.quantize(z_ctx)[0]
     n = args.num if clip is None else len(clip)
@@ -552,7 +552,7 @@ def run_ar(p, args):
         if (args.prompt is not None or clip is None) else None
     cfg_scale = default_cfg("ar", cfg) if args.cfg is None else args.cfg
     temperature = cfg.ar_temperature if args.temperature is None else args.temperature
-    f_hat = generate_ar(model, tok, prompts, 1 + (frames - 1) // cfg.ft, gen, cfg_scale, args.cfg_schedule,
+    f_hat = generate_ar(model, tok, prompts, cfg.latent_frames(frames), gen, cfg_scale, args.cfg_schedule,
                         temperature, args.top_k, args.top_p, context, window)
     return finish(data.from_model(tok.decode(f_hat), squeeze=False), clip, prompts)
 

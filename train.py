@@ -197,6 +197,13 @@ def joint_mean(term, echo, mixed, step, batch, n_latent, n_mixed, n_image, gener
     return total / count
 
 
+def frozen(tok, device):
+    """The tokenizer a generator stage trains on: on `device`, in eval mode, without gradients -> (tok, its
+    fingerprint, which the stage's checkpoints record: checkpoint.tokenizer_id)."""
+    tok = tok.to(device).eval().requires_grad_(False)
+    return tok, tokenizer_id(tok)
+
+
 def heldout_clips(cfg, digits, n, frames=None, seed=1234):
     """Clips of held-out digits (never seen in training), fixed across runs."""
     return data.moving_mnist(n, digits, "test", data.mm_config(cfg, frames), seed=seed)
@@ -533,10 +540,9 @@ def train_ar(cfg, args, digits, out, tok):
     ema = EMA(model, cfg.gen_ema, state)   # --gen-ema: ema.model is what is evaluated, sampled and saved for use
     if step >= cfg.ar_steps:
         return ema.model.eval()
-    tok = tok.to(device).eval().requires_grad_(False)
-    tok_id = tokenizer_id(tok)
+    tok, tok_id = frozen(tok, device)
     spacing = tok.code_spacing()                     # the frozen codebook's: soft labels' temperature unit
-    clip_latent = 1 + (cfg.frames - 1) // cfg.ft     # latent frames of a training clip
+    clip_latent = cfg.latent_frames()   # of a training clip
     n_image = image_steps(cfg, cfg.ar_steps)
     n_mixed = round(cfg.image_mix * micro(cfg.ar_batch, args) * clip_latent)   # images beside each clip batch
     layouts = {}    # n latent frames -> Layout (forward mask; level = scale index), frame [L] (latent frame index)
@@ -651,9 +657,8 @@ def train_flow(cfg, args, digits, out, tok, stage):
         stats = measure_latent(tok, cfg, digits, device)
     broadcast_from_main(model)
     ema = EMA(model, cfg.gen_ema, state)   # --gen-ema: ema.model is what is sampled, scored and saved for use
-    tok = tok.to(device).eval().requires_grad_(False)
-    tok_id = tokenizer_id(tok)
-    clip_latent = 1 + (cfg.frames - 1) // cfg.ft     # latent frames of a training clip
+    tok, tok_id = frozen(tok, device)
+    clip_latent = cfg.latent_frames()   # of a training clip
     grid = stats.shape(cfg.z_channels, tok.latent_grid)[1]
     kind = "frame" if stage == "teacher" else cfg.unit
     n_image = image_steps(cfg, steps) if stage == "teacher" else 0
@@ -770,10 +775,9 @@ def train_dmd(cfg, args, digits, out, tok):
     teacher = Transformer(cfg.model_config())
     teacher.load_state_dict(trained_weights(teacher_state))
     teacher = teacher.to(device).eval().requires_grad_(False)
-    tok = tok.to(device).eval().requires_grad_(False)
-    tok_id = tokenizer_id(tok)
+    tok, tok_id = frozen(tok, device)
     channels, grid = stats.shape(cfg.z_channels, tok.latent_grid)
-    clip_latent = 1 + (cfg.frames - 1) // cfg.ft     # latent frames of a training clip
+    clip_latent = cfg.latent_frames()   # of a training clip
     order, pos, unit = unit_layout(cfg.unit, clip_latent, grid, **cfg.unit_kwargs())
     layout = Layout(pos.to(device), unit.to(device))   # the generator's units; each scorer sets its own mask
 
