@@ -8,7 +8,8 @@ Two parts:
   frame is the group's newest frame, so latent frame j sees only input frames <= ft*j.
 * `MultiScaleVQ` -- VAR's multi-scale residual quantizer (Tian et al. 2024, Alg. 1), applied to each latent
   frame: for scales s_1 < ... < s_K = h, quantize the area-downsampled residual at s_k x s_k, upsample the codes
-  back to h x w and subtract, so that f_hat = sum_k up(e(R_k)) is accumulated at full latent resolution.
+  back to h x w and subtract, so that f_hat = sum_k up(e(R_k)) is accumulated at full latent resolution (on
+  rectangular frames, --canvas-w, scale k is s_k x round(s_k w / h): `TokenizerConfig.scale_schedule`).
 
 Why a codebook VQ and not a bitwise (BSQ) quantizer: with a 1-16 k vocabulary, a plain codebook and a softmax
 over codes is the textbook VAR setup a reader can follow; BSQ's gain is for vocabularies of 2^32 and more that
