@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from model import ModelConfig, hw
+from model import ModelConfig, grid_of, hw
 from tokenizer import TokenizerConfig
 
 
@@ -171,9 +171,7 @@ class Config:
     def frame_grid(self, per=1):
         """The frames' pixels per `per` (model.hw's form: an int when square, else (height, width)): per = down
         gives the latent grid, down * fm_patch the flow models' token grid."""
-        if self.canvas_w in (0, self.size):
-            return self.size // per
-        return self.size // per, self.canvas_w // per
+        return grid_of(self.size // per, (self.canvas_w or self.size) // per)
 
     def unit_kwargs(self):
         """Keyword arguments of model.unit_layout for this config's unit, on the flow models' token grid (the latent

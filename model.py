@@ -101,6 +101,11 @@ def hw(grid):
     return int(h), int(w)
 
 
+def grid_of(h, w):
+    """The grid of h x w cells in `hw`'s form: the int h when square, else the pair (h, w)."""
+    return int(h) if h == w else (int(h), int(w))
+
+
 def cells(grid):
     """Number of cells of a grid (s*s, or h*w)."""
     h, w = hw(grid)

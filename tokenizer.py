@@ -29,7 +29,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from einops import rearrange
 
-from model import hw
+from model import grid_of, hw
 
 
 @dataclass
@@ -52,7 +52,7 @@ class TokenizerConfig:
         s = tuple(self.scales) or tuple(2 ** i for i in range(h.bit_length()) if 2 ** i <= h)
         if s[-1] != h or list(s) != sorted(set(s)):
             raise ValueError(f"scale schedule {s} must increase and end at the latent side {h}")
-        return s if h == w else tuple((k, max(1, round(k * w / h))) for k in s)
+        return tuple(grid_of(k, max(1, round(k * w / h))) for k in s)
 
 
 # ------------------------------------------------------------------------------------------- conv blocks
@@ -286,7 +286,7 @@ class Tokenizer(nn.Module):
         super().__init__()
         self.cfg, self.size = cfg, size
         h, w = hw(size)
-        self.latent_grid = h // cfg.down if h == w else (h // cfg.down, w // cfg.down)   # model.hw's convention
+        self.latent_grid = grid_of(h // cfg.down, w // cfg.down)
         self.ae = CausalAE(cfg)
         self.vq = MultiScaleVQ(cfg, self.latent_grid)
 
@@ -393,12 +393,11 @@ class LatentStats:
             return cls(z.mean((0, 2, 3, 4)), z.std((0, 2, 3, 4)), patch)
         return cls(torch.zeros(z.shape[1]), z.std().expand(z.shape[1]), patch)
 
-    def shape(self, channels, grid):
-        """(channels, grid) of the latent (grid: model.hw's int or (h, w)) -> (features per token, token grid) of
+    def shape(self, channels, latent_grid):
+        """(channels, latent_grid) of the latent (model.hw's int or (h, w)) -> (features per token, token grid) of
         what the flow models see, the grid in the same form."""
-        h, w = hw(grid)
-        tokens = (h // self.patch, w // self.patch)
-        return channels * self.patch ** 2, tokens[0] if h == w else tokens
+        h, w = hw(latent_grid)
+        return channels * self.patch ** 2, grid_of(h // self.patch, w // self.patch)
 
     def _shape(self, v, like):
         return v.to(like.device, like.dtype).view(1, -1, 1, 1, 1)

@@ -19,6 +19,7 @@ import time
 from contextlib import contextmanager
 from dataclasses import asdict, replace
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
 import torch
@@ -182,16 +183,31 @@ def teacher_clips(cfg, args, teacher, stats, clip_latent, shard):
     return fresh
 
 
-def joint_mean(term, echo, mixed, step, batch, n_latent, n_mixed, n_image, generator):
+class Phase(NamedTuple):
+    """Where a step stands in paper A's multi-stage recipe (`phase`)."""
+    image: bool     # stage 1: single images
+    n_latent: int   # latent frames per sample: 1 in stage 1, a training clip's in stage 2
+    batch: int      # samples of the micro-batch: clip_latent x the clips' batch in stage 1
+    first: int      # the step the stage's data stream starts at (Echo.batch)
+
+
+def phase(step, n_image, batch, clip_latent):
+    """Paper A's multi-stage training: the first n_image steps train on single images (one latent frame each,
+    clip_latent x `batch` of them: the latent frames of a clip batch), the later steps on clips."""
+    if step < n_image:
+        return Phase(True, 1, batch * clip_latent, 0)
+    return Phase(False, clip_latent, batch, n_image)
+
+
+def joint_mean(term, echo, mixed, step, at, n_mixed, generator):
     """A micro-batch's loss in paper A's multi-stage recipe: term(z, prompt, n_latent, generator) -> (loss summed
-    over tokens, number of tokens) on the step's `batch` samples of `n_latent` latent frames from `echo` (single
-    images before step n_image, clips after); in the clip stage, with --image-mix, `n_mixed` single images from the
-    Echo `mixed` join them (joint image + clip batches). -> the mean over all their tokens."""
-    image = step < n_image
-    z, prompt = echo.batch(step, batch, 0 if image else n_image, generator)
-    total, count = term(z, prompt, n_latent, generator)
-    if mixed is not None and not image:
-        z, prompt = mixed.batch(step, n_mixed, n_image, generator)
+    over tokens, number of tokens) on the step's samples from `echo` (`at`: the step's Phase); in the clip stage,
+    with --image-mix, `n_mixed` single images from the Echo `mixed` join them (joint image + clip batches). -> the
+    mean over all their tokens."""
+    z, prompt = echo.batch(step, at.batch, at.first, generator)
+    total, count = term(z, prompt, at.n_latent, generator)
+    if mixed is not None and not at.image:
+        z, prompt = mixed.batch(step, n_mixed, at.first, generator)
         more, n = term(z, prompt, 1, generator)
         total, count = total + more, count + n
     return total / count
@@ -558,9 +574,7 @@ def train_ar(cfg, args, digits, out, tok):
     bar = tqdm(range(step, cfg.ar_steps), desc="ar", initial=step, total=cfg.ar_steps, dynamic_ncols=True,
                disable=not is_main())
     for step in bar:
-        image = step < n_image   # paper A stage 1: one latent frame per sample, `clip_latent` x the batch
-        batch = micro(cfg.ar_batch, args)
-        n_latent, batch = (1, batch * clip_latent) if image else (clip_latent, batch)
+        at = phase(step, n_image, micro(cfg.ar_batch, args), clip_latent)
         hits = []
 
         def ce_of(z, prompt, n_latent, gen):   # -> cross-entropy summed over the tokens of z's L tokens, B*L
@@ -583,8 +597,7 @@ def train_ar(cfg, args, digits, out, tok):
         def loss_of(shard):
             gen = torch.Generator(device).manual_seed(batch_seed(args.seed, "ar", step, shard))
             with autocast(device, args.precision):
-                return joint_mean(ce_of, echoes[shard], mixed.get(shard), step, batch, n_latent, n_mixed, n_image,
-                                  gen)
+                return joint_mean(ce_of, echoes[shard], mixed.get(shard), step, at, n_mixed, gen)
 
         loss = optimize(model, opt, lr_at(step, cfg.ar_steps, cfg.ar_lr, cfg.warmup),
                         [lambda s=s: loss_of(s) for s in shards(args)])
@@ -599,7 +612,7 @@ def train_ar(cfg, args, digits, out, tok):
             log(out, stage="ar", step=step + 1, train_acc=(sum(hits) / len(hits)).item(),
                 **{"heldout_" + k: v for k, v in held_out.items()})
             save_stage(path, cfg, model, opt, step + 1, tokenizer_id=tok_id, train_s=curve.train_s(), **ema.saved())
-            curve.point(bar, step + 1, 1 + (n_latent - 1) * cfg.ft,
+            curve.point(bar, step + 1, 1 + (at.n_latent - 1) * cfg.ft,
                         lambda prompts, gen, f: sample_stage("ar", ema.model, cfg, tok, None, prompts, gen, f, args))
         if stop:
             stop_now(bar, "ar", args)
@@ -691,9 +704,7 @@ def train_flow(cfg, args, digits, out, tok, stage):
     mixed = {s: Echo(encoded_clips(cfg, args, digits, tok, stage, steps, s, stats.normalize, stream=1), cfg.echo)
              for s in shards(args)} if n_mixed else {}   # --image-mix: single images beside the clips
     for step in bar:
-        image = step < n_image   # paper A stage 1: one latent frame per sample, `clip_latent` x the batch
-        batch = micro(cfg.fm_batch, args)
-        n_latent, batch = (1, batch * clip_latent) if image else (clip_latent, batch)
+        at = phase(step, n_image, micro(cfg.fm_batch, args), clip_latent)
 
         def sse_of(z, prompt, n_latent, gen):   # -> squared velocity error summed over z's tokens, their count
             order, layout, n_units = layouts[n_latent]
@@ -715,8 +726,7 @@ def train_flow(cfg, args, digits, out, tok, stage):
         def loss_of(shard):
             gen = torch.Generator(device).manual_seed(batch_seed(args.seed, stage, step, shard))
             with autocast(device, args.precision):
-                return joint_mean(sse_of, echoes[shard], mixed.get(shard), step, batch, n_latent, n_mixed, n_image,
-                                  gen)
+                return joint_mean(sse_of, echoes[shard], mixed.get(shard), step, at, n_mixed, gen)
 
         loss = optimize(model, opt, lr_at(step, steps, lr, cfg.warmup), [lambda s=s: loss_of(s) for s in shards(args)])
         ema.update(model, step)
@@ -726,7 +736,7 @@ def train_flow(cfg, args, digits, out, tok, stage):
         if save and is_main():
             save_stage(path, cfg, model, opt, step + 1, z_stats=stats.state(), tokenizer_id=tok_id,
                        train_s=curve.train_s(), **ema.saved())
-            curve.point(bar, step + 1, 1 + (n_latent - 1) * cfg.ft,
+            curve.point(bar, step + 1, 1 + (at.n_latent - 1) * cfg.ft,
                         lambda prompts, gen, f: sample_stage(stage, ema.model, cfg, tok, stats, prompts, gen, f, args))
         if stop:
             stop_now(bar, stage, args)
