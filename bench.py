@@ -1,6 +1,6 @@
 """Speed, side by side in one run: sampling throughput of every generation method, training step time, achieved
-GFLOP/s against the matmul peak measured here, and memory. Speed does not depend on the weights, so models are
-freshly initialised unless --ckpt names a trained run.
+GFLOP/s against the matmul peak measured here, and memory. Speed does not depend on the weights, so the models are
+freshly initialised, with the sizes, units and steps of the --config preset and its flags.
 
   python bench.py --config toy                 # one table
   python bench.py --config toy --long 1001     # + streaming student: time and KV-cache size per unit along a long video
@@ -201,19 +201,24 @@ def main(argv=None):
             long_video(args, cfg, flow, prompts[:1], device, fc, fside)
 
 
-def long_video(args, cfg, flow, prompt, device, channels, side):
-    """Streaming student over a long video: ms per unit and cache size early and at the end (paired_clock)."""
-    chunk = cfg.latent_frames()
-    latent = cfg.latent_frames(args.long)
-    units = len(stream_layout(cfg.unit, latent, chunk, side, **cfg.unit_kwargs()))
+def clocked_stream(model, cfg, prompts, frames, grid, channels, steps, cfg_scale, seed, device, precision):
+    """A streaming generator (causal student or DMD generator; cfg: its run's Config) makes `frames` video frames
+    with the rolling cache, timed by paired_clock -> (scaled z [B,c,t,h,w], paired_clock's figures)."""
+    chunk, latent = cfg.latent_frames(), cfg.latent_frames(frames)
 
     def stream(on_unit, progress):
-        with torch.no_grad(), autocast(device, args.precision):
-            return generate_student(flow, prompt, latent, chunk, side, channels, torch.Generator(device), cfg.unit,
-                                    cfg.unit_kwargs(), 4, 3.0, None, progress=progress, on_unit=on_unit)
+        gen = torch.Generator(device).manual_seed(seed)
+        with torch.no_grad(), autocast(device, precision):
+            return generate_student(model, prompts, latent, chunk, grid, channels, gen, cfg.unit, cfg.unit_kwargs(),
+                                    steps, cfg_scale, on_unit=on_unit, shift=cfg.fm_shift, progress=progress)
 
+    return paired_clock(stream, len(stream_layout(cfg.unit, latent, chunk, grid, **cfg.unit_kwargs())), device)
+
+
+def long_video(args, cfg, flow, prompt, device, channels, side):
+    """Streaming student over a long video: ms per unit and cache size early and at the end (paired_clock)."""
     t0 = time.perf_counter()
-    c = paired_clock(stream, units, device)[1]
+    c = clocked_stream(flow, cfg, prompt, args.long, side, channels, 4, 3.0, 0, device, args.precision)[1]
     print(f"long video: {args.long} frames = {c['units']} {cfg.unit} units in {time.perf_counter() - t0:.1f} s; "
           f"per unit: {c['ms early']:.1f} ms at units {c['early units']} of a fresh stream vs {c['ms last']:.1f} ms at "
           f"units {c['last units']}, taking turns ({c['change']:+.1%}); KV cache {c['KV MB early']:.2f} MB vs "

@@ -1,10 +1,10 @@
 """A run's checkpoints: writing them, and building the tokenizer and generators back from them.
 
-A run directory (train.py --out, sample.py / eval.py --ckpt) holds one checkpoint per stage, <stage>.pt, each
+A run directory (train.py --out, sample.py --ckpt, experiments.py --base) holds one checkpoint per stage, <stage>.pt, each
 with the Config it was trained under. A generator's checkpoint also records the fingerprint of the tokenizer it
 was trained on (`tokenizer_id`): codes or latents of one tokenizer mean nothing to another, so a generator is
-refused beside another tokenizer (`check_tokenizer`). train.py writes and resumes these files; sample.py, eval.py
-and experiments.py read them, all through this module.
+refused beside another tokenizer (`check_tokenizer`). train.py writes and resumes these files; sample.py and
+experiments.py read them, all through this module.
 """
 import hashlib
 import os
@@ -118,6 +118,12 @@ def load_flow(ckpt_dir, stage, device="cpu", tok=None):
     state = load_checkpoint(path)
     check_tokenizer(state, tok, path)
     cfg = Config(**state["config"])
-    model = Transformer(cfg.model_config())
+    return flow_model(state, cfg.model_config(), device), cfg, LatentStats.from_state(state["z_stats"])
+
+
+def flow_model(state, model_cfg, device="cpu"):
+    """A trained flow model (teacher, causal student or DMD generator) built from its checkpoint's state: the
+    weights it ships (trained_weights), on `device`, in eval mode."""
+    model = Transformer(model_cfg)
     model.load_state_dict(trained_weights(state))
-    return model.to(device).eval(), cfg, LatentStats.from_state(state["z_stats"])
+    return model.to(device).eval()

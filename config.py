@@ -39,7 +39,7 @@ class Config:
     patch: int = _f(4, "tokenizer stem pixel-unshuffle factor (1, 2 or 4)")
     width: int = _f(32, "tokenizer conv width at the stem, doubled at each downsampling")
     z_channels: int = _f(4, "latent channels: fewer channels, an easier latent to generate (Moving MNIST, 4 "
-                                 "against 16: the teacher learned single digits ~1.6x faster; docs/RESULTS.md)")
+                                 "against 16: the teacher learned single digits ~1.6x faster; docs/RESULTS.md, 2026-12-03)")
     vocab: int = _f(1024, "codebook size")
     scales: str = _f("", "comma-separated scale sides, e.g. 1,2,4,8 (default: powers of 2 up to the latent side)")
     tok_steps: int = _f(2500, "tokenizer training steps")
@@ -78,15 +78,15 @@ class Config:
                                 "(model.Transformer.condition); 0: an order-free bag of digits")
     ar_temperature: float = _f(0.6, "sampling temperature of paper A's model: sample.py --method ar's default, the ar "
                                     "model's curve and GIF (1 -> 0.6 lifts semantic 0.23 -> 0.36 and consistency "
-                                    "0.10 -> 0.27 on the small run's clips; docs/RESULTS.md)")
+                                    "0.10 -> 0.27 on the small run's clips; docs/RESULTS.md, eighth session)")
     teacher_cfg: float = _f(6.0, "classifier-free guidance weight of the teacher's sampler: sample.py --method "
                                  "teacher's default, the teacher's curve and GIF, --causal-data teacher's clips (3 -> "
                                  "6 lifts semantic 0.64 -> 0.75 on the small run's teacher, 0.45 -> 0.54 on a toy "
-                                 "one; docs/RESULTS.md)")
+                                 "one; docs/RESULTS.md, seventh session)")
     ar_soft: float = _f(2.0, "paper A's labels: soft labels over the codes near each token's residual "
                              "(Tokenizer.soft_codes) at this temperature, in units of the codebook's nearest-neighbour "
                              "squared distance; 0 = the quantizer's codes, one-hot (0 -> 0.5 -> 2 lifts the small "
-                             "run's ar model 0.31 -> 0.62 -> 0.71 semantic at 4000 steps; docs/RESULTS.md)")
+                             "run's ar model 0.31 -> 0.62 -> 0.71 semantic at 4000 steps; docs/RESULTS.md, ninth session)")
     cond_drop: float = _f(0.1, "chance that a clip's prompt is replaced by the null condition (for CFG)")
     # paper B: prediction units, flow-matching teacher, causal student (train.py --stage teacher / causal)
     unit: str = _f("cube", "prediction unit of the causal student: frame, keydetail, cube or scale")
@@ -185,7 +185,7 @@ class Config:
 PRESETS = {
     # the CPU quickstart: 64x64, 13 frames, a 4 x 8x8 latent; one digit moving at 1.5 px/frame (standard Moving
     # MNIST: two digits at 3.6), what a small teacher learns to draw in CPU minutes; the steps fit every stage in
-    # 20 minutes on 2 cores, most of them the teacher's (docs/RESULTS.md, 2026-12-03)
+    # 20 minutes on 2 cores, most of them the teacher's (849 s: docs/RESULTS.md, 2026-12-07, eighth session)
     "toy": dict(num_digits=1, speed=1.5, tok_steps=1600, ar_steps=300, ar_batch=8, fm_steps=6000, causal_steps=800,
                 image_frac=0.33, eval_every=1000),
     # the toy's data, model and tokenizer with the budget paper A's model needs to draw digits anywhere: 8000 ar
@@ -193,9 +193,9 @@ PRESETS = {
     # every stage, DMD too, in 54 minutes on 2 cores (docs/RESULTS.md, 2026-12-07, tenth session)
     "small": dict(num_digits=1, speed=1.5, tok_steps=3000, ar_steps=8000, ar_batch=8, fm_steps=12000,
                   causal_steps=2000, dmd_steps=400, image_frac=0.5, eval_every=1000),
+    # the toy run with a 4x-compression tokenizer: 28.1 / 24.4 dB in 243 s (docs/RESULTS.md, "Up to 2026-11-24"),
+    # but 530 tokens per latent frame instead of 85, so its generator stages take hours on a CPU
     "toy-d4": dict(down=4, z_channels=8, scales="1,2,3,4,6,8,12,16", tok_steps=4000, eval_every=1000),
-    # the toy run with a 4x-compression tokenizer: 28 / 24 dB in 5 min (README), but 530 tokens per latent frame
-    # instead of 85, so its generator stages take hours on a CPU
     "tiny": dict(tok_steps=40, tok_batch=4, eval_every=20, eval_clips=4, width=16, vocab=256, frames=9,
                  depth=2, aspect=16, head_dim=16, ar_steps=20, ar_batch=4, fm_steps=20, causal_steps=20,
                  fm_batch=4, cube="1,2,2", dmd_steps=4, dmd_critic=1),   # tests and smoke runs: a 2 x 32 model

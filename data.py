@@ -371,14 +371,15 @@ def main(argv=None):
     p.add_argument("--npy", required=True, help="output clips, uint8 [N,T,H,W]; the prompts go to the same name .txt")
     p.add_argument("--num", type=int, default=8, help="number of clips")
     p.add_argument("--frames", type=int, default=13, help="frames per clip")
-    p.add_argument("--digits", type=int, default=2, help="digits per clip (the toy preset: 1)")
+    p.add_argument("--num-digits", "--digits", dest="num_digits", type=int, default=2,
+                   help="digits per clip (the toy preset: 1), as train.py's --num-digits")
     p.add_argument("--speed", type=float, default=3.6, help="digit speed in pixels per frame (the toy preset: 1.5)")
     p.add_argument("--split", choices=["train", "test"], default="test", help="digit images to use (test = held out)")
     p.add_argument("--gif", help="also write a GIF of the first 8 clips")
     p.add_argument("--data-dir", default=None, help="directory with full MNIST IDX files")
     p.add_argument("--seed", type=int, default=0, help="random seed")
     args = p.parse_args(argv)
-    check_flags(p, args, {"num": "[1, 1e5]", "frames": "[1, 1e5]", "digits": "[1, 10]", "speed": "[0, 64]",
+    check_flags(p, args, {"num": "[1, 1e5]", "frames": "[1, 1e5]", "num_digits": "[1, 10]", "speed": "[0, 64]",
                        "seed": SEED})
     for flag, suffix in (("npy", ".npy"), ("gif", ".gif")):
         check_path(p, "--" + flag, getattr(args, flag), "out")
@@ -387,7 +388,7 @@ def main(argv=None):
     if args.data_dir is not None:
         check_path(p, "--data-dir", args.data_dir, "outdir")
     video, labels = moving_mnist(args.num, load_digits(args.data_dir), args.split,
-                                 MovingMNISTConfig(frames=args.frames, num_digits=args.digits, speed=args.speed), seed=args.seed)
+                                 MovingMNISTConfig(frames=args.frames, num_digits=args.num_digits, speed=args.speed), seed=args.seed)
     Path(args.npy).parent.mkdir(parents=True, exist_ok=True)
     np.save(args.npy, video)
     Path(args.npy).with_suffix(".txt").write_text("".join(" ".join(map(str, l)) + "\n" for l in labels))

@@ -1,7 +1,8 @@
 """Paper B Sec. 3.3: Symmetric Distribution Matching Distillation (train.py --stage dmd runs it).
 
 DMD (Yin et al. 2024) trains a few-step generator G so that the distribution of its samples matches the data's,
-by descending the reverse KL divergence KL(p_gen || p_data). Its gradient (paper B, Eq. 2) is
+by descending the reverse KL divergence KL(p_gen || p_data). Its gradient is (paper B's Eq. 2 prints its negative,
+(s_real - s_gen) dG/dtheta: the direction the generator moves in)
 
     grad_theta L  ~  E_z E_{x_t ~ q(. | x = G_theta(z))} [ (s_gen(x_t) - s_real(x_t)) dG_theta(z)/dtheta ]
 

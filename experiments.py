@@ -184,18 +184,10 @@ def stream(args, base, cfg, tok, digits, nets):
     of windows of the trained length along the video (does quality drift?)."""
     model, c, stats = checkpoint.load_flow(base, args.generator, args.device, tok)
     steps, cfg_scale = args.unit_steps or unit_steps(args.generator, c), default_cfg(args.generator, c)
-    chunk, (channels, side) = c.latent_frames(), stats.shape(c.z_channels, tok.latent_grid)
-    latent = c.latent_frames(args.long)
+    channels, side = stats.shape(c.z_channels, tok.latent_grid)
     prompts = prompts_for(args.num, c.num_digits, args.seed).to(args.device)
-
-    def stream(on_unit, progress):
-        gen = torch.Generator(args.device).manual_seed(args.seed)
-        with torch.no_grad(), amp(args):
-            return generate_student(model, prompts, latent, chunk, side, channels, gen, c.unit, c.unit_kwargs(), steps,
-                                    cfg_scale, on_unit=on_unit, shift=c.fm_shift, progress=progress)
-
-    z, clock = bench.paired_clock(stream, len(stream_layout(c.unit, latent, chunk, side, **c.unit_kwargs())),
-                                  args.device)
+    z, clock = bench.clocked_stream(model, c, prompts, args.long, side, channels, steps, cfg_scale, args.seed,
+                                    args.device, args.precision)
     with amp(args):
         video = decode(tok, stats.denormalize(z))
     out = {"cost": {"generator": f"{args.generator}, {steps} steps per unit, CFG {cfg_scale:g}", **clock}}
@@ -358,7 +350,7 @@ def main(argv=None):
     p.add_argument("--base", default="runs/toy", help="the base run directory (python train.py --config toy)")
     p.add_argument("--num", type=int, default=64, help="prompted clips scored per row")
     p.add_argument("--long", type=int, default=1997, help="stream: video frames, 1 + ft*k; its latent frames must "
-                   "split into whole cubes (1997 frames = 500 latent frames = 1000 cubes of 2x4x4)")
+                   "split into whole cubes (1997 frames = 500 latent frames = 1000 cubes of 2x2x2 tokens)")
     p.add_argument("--generator", choices=["causal", "dmd"], default="causal", help="stream: the causal student or "
                    "the DMD generator (train.py --stage dmd)")
     p.add_argument("--unit-steps", type=int, default=0, help="stream: denoising steps per unit (0: 4 for the student, "

@@ -21,6 +21,9 @@ Reading guide (paper -> code):
     per-token flow-matching time for paper B (units may sit at different noise levels), shifted toward high noise
     by `shift_time` (SD3). Prompts are digits, ordered left to right (`Transformer.condition`).
   * Flow matching (paper B; one convention everywhere): `flow_pair` (x_t and the velocity target), `flow_times`.
+  Elsewhere: paper A's Cross-Frame Error Correction and Random Frame Mask are training-time (train.py:
+  `error_correction` with `tokenizer.MultiScaleVQ.forward(corrupt=)`, `random_frame_mask`); the DMD gradient is
+  dmd.py's (`dmd_gradient`); the samplers, with the fold of a finished unit into the next call, are sample.py's.
 Shapes: B batch, L tokens, C model width, H heads, D head dim, c latent channels.
 """
 import math
@@ -39,7 +42,7 @@ class ModelConfig:
     dim: int = 192
     depth: int = 6
     heads: int = 6
-    in_channels: int = 16      # features per token fed in: c latent channels (paper B), 2c (paper A, ar_sequence)
+    in_channels: int = 16      # features per token fed in: c * p^2 (paper B, --fm-patch p), 2c (paper A, ar_sequence)
     vocab: int = 0             # > 0: discrete head over codes (paper A); 0: continuous velocity head (paper B)
     num_classes: int = 10      # prompt vocabulary: the digits
     levels: int = 0            # > 0: paper A's scales; each token gets its scale's embedding (VAR's level embedding)
@@ -58,8 +61,9 @@ def unit_mask(uq, uk, kind, noisy_q=None, noisy_k=None):
     kind: 'full' (all see all), 'forward' (uk <= uq), 'backward' (uk >= uq), 'unit' (uk == uq: a unit sees only
     itself; dmd.py's composed fake rule). Inside a unit: bidirectional.
     With noisy_q / noisy_k (bool flags; teacher forcing for paper B's causal student): a clean token follows
-    `kind` among clean tokens; a noisy token sees the clean tokens of strictly earlier units and the noisy tokens
-    of its own unit -- exactly what it sees at inference, where earlier units are clean in the KV cache.
+    `kind` among clean tokens; a noisy token sees the noisy tokens of its own unit and the clean tokens of the
+    other units that `kind` lets it see (forward: strictly earlier ones; backward: later; full: all others; unit:
+    none) -- for 'forward', exactly what it sees at inference, where earlier units are clean in the KV cache.
     """
     uq, uk = uq[:, None], uk[None, :]
     if kind not in MASKS:
@@ -267,7 +271,7 @@ class KVCache:
     `append=False` forwards attend to the cache without adding to it (paper B's denoising steps); a clean
     re-forward with `append=True` then writes the finished unit (`append=n`: only the call's first n tokens, a
     finished unit riding along with the next unit's first step, sample.generate_student's `fold`). The rolling
-    cache (paper B Sec. 3.4) drops old tokens: `newest_units` / `from_frame` say which tokens a window keeps,
+    cache (paper B Sec. 3.4) drops old tokens: `newest_units` says which tokens a window of units keeps,
     `keep` applies it, `evict(max_units)` is both; positions are re-based at every use (see `time_base`).
     """
 
@@ -296,10 +300,6 @@ class KVCache:
         if max_units <= 0:
             return torch.zeros_like(self.unit, dtype=torch.bool)
         return self.unit >= units[-max_units] if len(units) > max_units else torch.ones_like(self.unit, dtype=torch.bool)
-
-    def from_frame(self, first):
-        """bool [len(self)]: the tokens of latent frames >= `first` (a rolling window in time)."""
-        return self.pos[:, 0] >= first
 
     def evict(self, max_units):
         """Keep only the newest `max_units` units."""
@@ -460,9 +460,9 @@ class Transformer(nn.Module):
         pos_q, pos_keys = pos, None
         if cache is not None:   # re-base time to the oldest frame in view (see KVCache); keys = cached + new
             cache_pos, cache_unit = cache.pos.to(pos.device), cache.unit.to(unit.device)   # no-ops after the first
-            shift = F.pad(cache.time_base(pos)[None], (0, 2))                  # [3]: (t0, 0, 0); no copy to the CPU
-            pos_q = pos - shift
-            pos_keys = torch.cat([cache_pos - shift, pos_q])                    # [Lk,3]
+            t0 = F.pad(cache.time_base(pos)[None], (0, 2))                     # [3]: (t0, 0, 0); no copy to the CPU
+            pos_q = pos - t0
+            pos_keys = torch.cat([cache_pos - t0, pos_q])                       # [Lk,3]
             unit_keys = torch.cat([cache_unit, unit])                           # [Lk]
             noisy_keys = None if noisy is None else torch.cat([noisy.new_zeros(len(cache)), noisy])
         else:

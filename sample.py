@@ -1,9 +1,9 @@
 """Generation and reconstruction from a trained run directory (the samplers, and the sample GIFs and learning-curve
 samples that train.py writes after and during each generator stage).
 
-  python sample.py --ckpt runs/toy --method ar --prompt "3 7" --num 8 --gif out.gif     # paper A
+  python sample.py --ckpt runs/toy --method ar --prompt 3 --num 8 --gif out.gif         # paper A
   python sample.py --ckpt runs/toy --method ar --context clips.npy --context-frames 5 --npy out.npy
-  python sample.py --ckpt runs/toy --method dmd --steps 2 --prompt "3 7" --gif out.gif  # paper B, after --stage dmd
+  python sample.py --ckpt runs/toy --method dmd --steps 2 --prompt 3 --gif out.gif      # paper B, after --stage dmd
   python sample.py --ckpt runs/toy --reconstruct IN.npy --npy OUT.npy   # tokenizer round trip, same shape/dtype
 """
 import sys
@@ -58,12 +58,7 @@ def generate_ar(model, tok, prompts, n_latent, generator, cfg_scale=3.0, cfg_sch
     scales, grid, K = tok.scales, tok.latent_grid, len(tok.scales)      # grids: model.hw's int or (h, w)
     b = len(prompts) if prompts is not None else len(context[0])
     guided = prompts is not None and cfg_scale != 1.0
-    if prompts is None:                       # unconditional: every row takes the null condition
-        prompt_in = torch.zeros(b, 1, dtype=torch.long, device=device)
-        drop = torch.ones(b, dtype=torch.bool, device=device)
-    else:                                     # with CFG, rows b.. repeat the batch under the null condition
-        prompt_in = torch.cat([prompts, prompts]) if guided else prompts
-        drop = torch.arange(len(prompt_in), device=device) >= b
+    prompt_in, drop = cfg_batch(prompts, b, cfg_scale, device)   # with CFG: rows b.. the batch, null condition
     cache, out = KVCache(model.cfg.depth), []
     f_hat = torch.zeros(b, tok.cfg.z_channels, *hw(grid), device=device)       # "frame -1": nothing yet
     for f in tqdm(range(n_latent), desc="frames", disable=not progress):

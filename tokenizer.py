@@ -17,7 +17,8 @@ need bitwise heads. Codebook collapse is avoided by initialising codes from data
 
 The API the project uses:
   encode(video [B,C,T,H,W]) -> z [B,c,t,h,w]           decode(z or f_hat [B,c,t,h,w]) -> video
-  quantize(z) -> codes (list over scales of [B,t,s_k,s_k] long), f_hat [B,c,t,h,w], vq_loss
+  quantize(z) -> codes (list over scales of [B,t,s_k,s_k] long), inputs (each scale's input), f_hat [B,c,t,h,w],
+                 vq_loss
   codes_to_fhat(codes) -> f_hat
   next_scale_input(f_hat, codes_k, k) -> (f_hat + up(e(codes_k)), input of scale k+1 [N,c,s_{k+1},s_{k+1}])
     -- THE one function that builds the next-scale input; training (model teacher forcing) and sampling call it.
@@ -320,7 +321,7 @@ class Tokenizer(nn.Module):
         """Coarse-scale loss: the part of z that scale k can carry (z area-downsampled to s_k x s_k, bicubic back
         up) must decode to the video blurred to 4*s_k pixels a side. Without it the coarse partial sums decode
         to nothing and every digit stroke lives in the last scale, which the transformer samples in one parallel
-        step (see README, "Why the coarse scales"). x [B,C,T,H,W], z [B,c,t,h,w] -> scalar."""
+        step (docs/RESULTS.md, "Up to 2026-11-24": what --tok-coarse 1 does and does not do). x [B,C,T,H,W], z [B,c,t,h,w] -> scalar."""
         s, b = self.scales[k], z.shape[0]
         low = F.interpolate(F.interpolate(rearrange(z, "b c t h w -> (b t) c h w"), size=hw(s), mode="area"),
                             size=hw(self.latent_grid), mode="bicubic")

@@ -29,8 +29,8 @@ from tqdm import tqdm
 
 import data
 import dmd
-from checkpoint import (build_ar, build_tokenizer, check_tokenizer, load_checkpoint, load_tokenizer, save_checkpoint,
-                        tokenizer_id, trained_weights)
+from checkpoint import (build_ar, build_tokenizer, check_tokenizer, flow_model, load_checkpoint, load_tokenizer,
+                        save_checkpoint, tokenizer_id, trained_weights)
 from config import (SEED, CheckError, autocast, check_config, check_device, check_flags, check_path, config_from_args,
                     one_line_errors, parser, seed_everything)
 from model import (Layout, Transformer, ar_sequence, cells, flow_pair, flow_times, frame_scale_layout,
@@ -168,7 +168,7 @@ def encoded_clips(cfg, args, digits, tok, stage, n_image, shard, prepare=lambda 
 def teacher_clips(cfg, args, teacher, stats, clip_latent, shard):
     """fresh(step, m) for Echo with --causal-data teacher (paper B's stage 1 trains the causal student on videos
     sampled from its base model): m clips of micro-batch `shard`, random prompts, sampled by the teacher (25 Euler
-    steps, CFG 3, the grid shifted as in training) -> (scaled z [m,c,t,h,w], the layout stats.normalize gives,
+    steps, CFG --teacher-cfg, the grid shifted as in training) -> (scaled z [m,c,t,h,w], the layout stats.normalize gives,
     prompts [m,n])."""
     channels, grid = stats.shape(cfg.z_channels, cfg.frame_grid(cfg.down))
 
@@ -511,9 +511,10 @@ def eval_ar(model, tok, clips, labels, device):
     cross-entropy over all codes with the clip's prompt (ce), with the null condition (ce_null) and with another
     clip's prompt (ce_wrong: clips rolled by one; if it equals ce, the model ignores the prompt), and the share of
     the last scale's codes it gets right (acc_last: the scale that draws the digits), for the first latent frame and
-    for the later ones (which can look at earlier frames). A prompt of 2 digits carries at most ln 55 = 4.0 nats, so
-    a model that reads it perfectly can gain at most 4.0 / L nats per token over the best prompt-free model (L
-    tokens per clip: 0.012 at the toy size); ce_wrong - ce may exceed that, as a wrong prompt misleads."""
+    for the later ones (which can look at earlier frames). A prompt of n ordered digits carries at most ln 10^n
+    nats (2.3 for the toy's one digit), so a model that reads it perfectly can gain at most that / L nats per token
+    over the best prompt-free model (L tokens per clip: 340 at the toy size, 0.007); ce_wrong - ce may exceed that,
+    as a wrong prompt misleads."""
     was_training = model.training
     model.eval()
     n_latent = 1 + (clips.shape[1] - 1) // tok.cfg.ft
@@ -692,9 +693,7 @@ def train_flow(cfg, args, digits, out, tok, stage):
     fwd = compiled(model, args)
     bar = tqdm(range(step, steps), desc=stage, initial=step, total=steps, dynamic_ncols=True, disable=not is_main())
     if from_teacher:
-        base = Transformer(cfg.model_config())
-        base.load_state_dict(trained_weights(teacher))   # the teacher that sample.py --method teacher draws
-        base = base.to(device).eval().requires_grad_(False)
+        base = flow_model(teacher, cfg.model_config(), device).requires_grad_(False)   # sample.py's teacher
 
     def clips(shard):   # Echo's source for one micro-batch: the teacher's samples or encoded Moving MNIST
         if from_teacher:
@@ -756,20 +755,20 @@ def train_dmd(cfg, args, digits, out, tok):
     No data is read: DMD needs prompts only (random digits, as sample.py draws them). The moving average of the
     generator (--dmd-ema) is what load_flow, the sample GIF and sample.py --method dmd use."""
     device, path, steps = args.device, out / "dmd.pt", cfg.dmd_steps
-    generator = Transformer(cfg.model_config()).to(device)
-    opt = adamw(generator.parameters(), cfg.dmd_lr, cfg, cfg.weight_decay)
+    G = Transformer(cfg.model_config()).to(device)   # G_theta of paper B's Eq. 2, the few-step generator
+    opt = adamw(G.parameters(), cfg.dmd_lr, cfg, cfg.weight_decay)
     masks = dmd.fake_masks(cfg.dmd_fake)
     scorers = torch.nn.ModuleList(Transformer(cfg.model_config()) for _ in masks).to(device)
     fakes = dict(zip(masks, scorers))                      # mask -> its fake scorer
-    for m in [generator, *scorers]:
+    for m in [G, *scorers]:
         m.checkpointing = args.checkpointing
     fake_opt = adamw(scorers.parameters(), cfg.dmd_fake_lr, cfg, cfg.weight_decay)
-    step, state = resume(path, cfg, stage_keys("dmd"), generator, opt, "dmd", steps, tok)
+    step, state = resume(path, cfg, stage_keys("dmd"), G, opt, "dmd", steps, tok)
     if state is None:   # a fresh start: the generator is the causal student
         student = load_checkpoint(out / "causal.pt", cfg, stage_keys("causal"))
         check_tokenizer(student, tok, out / "causal.pt")
-        generator.load_state_dict(trained_weights(student))   # the student's average, with --gen-ema
-    ema = EMA(generator, cfg.dmd_ema, state)
+        G.load_state_dict(trained_weights(student))   # the student's average, with --gen-ema
+    ema = EMA(G, cfg.dmd_ema, state)
     if step >= steps:
         return ema.model.eval()
     teacher_state = load_checkpoint(out / "teacher.pt", cfg, TEACHER_INIT_KEYS)
@@ -780,11 +779,9 @@ def train_dmd(cfg, args, digits, out, tok):
     else:
         scorers.load_state_dict(state["fakes"])
         fake_opt.load_state_dict(state["fake_opt"])
-    broadcast_from_main(generator), broadcast_from_main(scorers)
+    broadcast_from_main(G), broadcast_from_main(scorers)
     stats = LatentStats.from_state(student["z_stats"] if state is None else state["z_stats"])
-    teacher = Transformer(cfg.model_config())
-    teacher.load_state_dict(trained_weights(teacher_state))
-    teacher = teacher.to(device).eval().requires_grad_(False)
+    teacher = flow_model(teacher_state, cfg.model_config(), device).requires_grad_(False)   # the real score
     tok, tok_id = frozen(tok, device)
     channels, grid = stats.shape(cfg.z_channels, tok.latent_grid)
     clip_latent = cfg.latent_frames()   # of a training clip
@@ -792,7 +789,7 @@ def train_dmd(cfg, args, digits, out, tok):
     layout = Layout(pos.to(device), unit.to(device))   # the generator's units; each scorer sets its own mask
 
     def clip(prompts, gen):   # the generator's clip in its unit layout [B,L,c]; gradient as the caller's context
-        z = dmd.rollout(generator, prompts, clip_latent, grid, channels, gen, cfg.unit, cfg.unit_kwargs(),
+        z = dmd.rollout(G, prompts, clip_latent, grid, channels, gen, cfg.unit, cfg.unit_kwargs(),
                         cfg.dmd_unit_steps, cfg.fm_shift)
         return partition(z, order)
 
@@ -823,14 +820,14 @@ def train_dmd(cfg, args, digits, out, tok):
         for _ in range(cfg.dmd_critic):   # the fake scorers follow the generator's current clips
             fake_loss = optimize(scorers, fake_opt, lr_at(step, steps, cfg.dmd_fake_lr, cfg.warmup),
                                  [lambda g=g: fake_loss_of(g) for g in gens])
-        loss = optimize(generator, opt, lr_at(step, steps, cfg.dmd_lr, cfg.warmup),
+        loss = optimize(G, opt, lr_at(step, steps, cfg.dmd_lr, cfg.warmup),
                         [lambda g=g: loss_of(g) for g in gens])
-        ema.update(generator, step)
+        ema.update(G, step)
         bar.set_postfix(loss=f"{loss:.4f}", fake=f"{fake_loss:.4f}")
         log(out, stage="dmd", step=step + 1, loss=loss, fake_loss=fake_loss)
         save, stop = end_of_step(args, bar.iterable.start, step, steps, cfg.eval_every)
         if save and is_main():
-            save_stage(path, cfg, generator, opt, step + 1, **ema.saved(), fakes=scorers.state_dict(),
+            save_stage(path, cfg, G, opt, step + 1, **ema.saved(), fakes=scorers.state_dict(),
                        fake_opt=fake_opt.state_dict(), z_stats=stats.state(), tokenizer_id=tok_id,
                        train_s=curve.train_s())
             curve.point(bar, step + 1, cfg.frames,

@@ -131,11 +131,11 @@ def test_experiment_tables(run, small_nets, monkeypatch, capsys, what):
 def test_stream_table_of_the_dmd_generator(dmd_run, small_nets, monkeypatch, capsys):
     monkeypatch.setattr(experiments.E, "load_nets", lambda **kw: small_nets)
     loaded, streamed = [], []
-    load_flow, generate = experiments.checkpoint.load_flow, experiments.generate_student
+    load_flow, generate = experiments.checkpoint.load_flow, experiments.bench.generate_student
     monkeypatch.setattr(experiments.checkpoint, "load_flow", lambda base, stage, *a: (loaded.append(stage),
                                                                                       load_flow(base, stage, *a))[1])
-    monkeypatch.setattr(experiments, "generate_student", lambda *a, **kw: (streamed.append(a[9:11]),
-                                                                            generate(*a, **kw))[1])
+    monkeypatch.setattr(experiments.bench, "generate_student", lambda *a, **kw: (streamed.append(a[9:11]),
+                                                                                  generate(*a, **kw))[1])
     experiments.main(["stream", "--base", str(dmd_run), "--generator", "dmd", "--unit-steps", "1", "--num", "2",
                       "--long", "25", "--device", "cpu"])
     rows = json.loads((dmd_run / "stream.json").read_text())

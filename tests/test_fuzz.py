@@ -210,7 +210,7 @@ def test_eval_refuses_every_bad_flag_and_file_before_work(files, tmp_path, capsy
 def test_data_refuses_every_bad_flag_before_work(files, tmp_path, capsys, monkeypatch):
     base = ["--npy", str(tmp_path / "x.npy")]
     flags = {"--num": ["0", "-1", "abc", "", "nan", "1000000000"], "--frames": ["0", "-1", "abc", "", "1000000000"],
-             "--digits": ["0", "-1", "abc", "", "11"], "--split": ["abc", ""], "--seed": ["-1", "abc", "", "4294967296"],
+             "--num-digits": ["0", "-1", "abc", "", "11"], "--split": ["abc", ""], "--seed": ["-1", "abc", "", "4294967296"],
              "--npy": ["", str(files / "a_file" / "x.npy"), str(tmp_path / "x.txt"), str(files)],
              "--gif": ["", str(files / "a_file" / "x.gif"), str(tmp_path / "x.npy")],
              "--data-dir": ["", str(files / "a_file")], "--no-such-flag": ["1"]}
