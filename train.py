@@ -233,7 +233,9 @@ def log(out, **row):
 
 
 def psnr(a, b):
-    """Mean over clips of PSNR (dB) between uint8 clips, on [0, 1] values."""
+    """Mean over clips of PSNR (dB) between uint8 clips, on [0, 1] values, one MSE per clip over all its frames (the
+    tokenizer's held-out figure everywhere in docs/; eval.py --target's psnr averages per-frame PSNRs instead, which
+    weighs a badly reconstructed frame less)."""
     mse = ((a.astype(np.float64) - b.astype(np.float64)) / 255).reshape(len(a), -1).__pow__(2).mean(1)
     return float(np.mean(10 * np.log10(1 / np.maximum(mse, 1e-10))))
 
