@@ -87,7 +87,7 @@ def dmd_gradient(x, x0_real, x0_gen):
     elements, in fp32. x, x0_real, x0_gen [B,...] -> g [B,...] (no gradient flows through it)."""
     x, x0_real, x0_gen = x.detach().float(), x0_real.detach().float(), x0_gen.detach().float()
     scale = (x - x0_real).abs().flatten(1).mean(1).clamp(min=1e-8)
-    return (x0_gen - x0_real) / scale.view(-1, *[1] * (x.dim() - 1))
+    return (x0_gen - x0_real) / scale.view(-1, *[1] * (x.dim() - 1))          # scale [B] -> [B,1,...,1]
 
 
 def dmd_loss(x, g):

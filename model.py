@@ -182,8 +182,9 @@ def unit_layout(kind, n_latent, side, stride=2, cube=(1, 2, 2), scales=()):
 
 
 def partition(z, order, scales=()):
-    """z [B,c,t,h,w] -> tokens [B,L,c] in unit order (see unit_layout)."""
-    if order is not None:
+    """z [B,c,t,h,w] -> tokens [B,L,c] in unit order (see unit_layout). Scale units (order None): z area-pooled to
+    each scale's grid, the scales one after another, each frame-major: L = t * sum_k cells(s_k)."""
+    if order is not None:   # order [L]: the raster index (t h w) of each token in unit order
         return rearrange(z, "b c t h w -> b (t h w) c")[:, order]
     n_latent = z.shape[2]
     return torch.cat([rearrange(F.interpolate(rearrange(z, "b c t h w -> (b t) c h w"), size=hw(s), mode="area"),
@@ -194,6 +195,7 @@ def merge(tokens, order, n_latent, side):
     """Inverse of partition: tokens [B,L,c] -> z [B,c,t,h,w], t = n_latent (for scale units: the finest unit, which
     is z)."""
     if order is not None:
+        # back to raster order: raster token order[i] = tokens[:, i]
         tokens = torch.empty_like(tokens).index_copy_(1, order.to(tokens.device), tokens)
     h, w = hw(side)
     return rearrange(tokens[:, -n_latent * h * w:], "b (t h w) c -> b c t h w", t=n_latent, h=h)
@@ -214,7 +216,8 @@ def frame_context(f_prev, scales):
 def frame_scale_order(maps):
     """Per-scale maps [B,t,s_k,s_k,...] (codes, or soft labels over codes) laid out in `frame_scale_layout` order:
     frame-major, then scale -> [B,L,...]."""
-    return torch.cat([m[:, f].flatten(1, 2) for f in range(maps[0].shape[1]) for m in maps], 1)
+    return torch.cat([rearrange(m[:, f], "b h w ... -> b (h w) ...")                 # [B,cells(s_k),...] each
+                      for f in range(maps[0].shape[1]) for m in maps], 1)
 
 
 def ar_sequence(inputs, codes, f_hat):
@@ -233,7 +236,7 @@ def ar_sequence(inputs, codes, f_hat):
     xs = []
     for f in range(n_latent):
         for k, idx in enumerate(codes):
-            xs.append(f_hat.new_zeros(b, idx[0, 0].numel(), c) if k == 0
+            xs.append(f_hat.new_zeros(b, cells(tuple(idx.shape[-2:])), c) if k == 0   # [B,cells(s_k),c]
                       else rearrange(inputs[k - 1][:, f], "b c h w -> b (h w) c"))
     x = torch.cat(xs, 1)
     return torch.cat([x, rearrange(ctx, "b t l c -> b (t l) c").to(x.dtype)], -1), frame_scale_order(codes)
