@@ -132,7 +132,9 @@ class Config:
                                 "one of them in training) and sample.py --method dmd's default")
     dmd_t_min: float = _f(0.02, "lowest noise level at which DMD compares the real and fake scores")
     dmd_t_max: float = _f(0.98, "highest noise level at which DMD compares the real and fake scores")
-    dmd_cfg: float = _f(3.0, "classifier-free guidance weight of the real score (the generator itself runs unguided)")
+    dmd_cfg: float = _f(3.0, "classifier-free guidance weight of the real score (the generator itself runs unguided); "
+                             "the small preset: 6, the teacher's own (one step per unit, 3 -> 6: semantic 0.66 -> 0.79 "
+                             "and 0.61 -> 0.78 on two small bases; docs/RESULTS.md, twelfth session)")
     dmd_ema: float = _f(0.99, "decay of the moving average of the DMD generator's weights, which is what is saved and "
                               "sampled (train.EMA); 0 = off")
     echo: int = _f(4, "data echoing (train.Echo) for the generator stages: each encoded clip is trained on this many "
@@ -192,7 +194,7 @@ PRESETS = {
     # steps (4000 x 32 single frames, 4000 x 8 clips: semantic 0.81, first frame 0.86; 4000 steps in all: 0.71);
     # every stage, DMD too, in 54 minutes on 2 cores (docs/RESULTS.md, 2026-12-07, tenth session)
     "small": dict(num_digits=1, speed=1.5, tok_steps=3000, ar_steps=8000, ar_batch=8, fm_steps=12000,
-                  causal_steps=2000, dmd_steps=400, image_frac=0.5, eval_every=1000),
+                  causal_steps=2000, dmd_steps=400, dmd_cfg=6.0, image_frac=0.5, eval_every=1000),
     # the toy run with a 4x-compression tokenizer: 28.1 / 24.4 dB in 243 s (docs/RESULTS.md, "Up to 2026-11-24"),
     # but 530 tokens per latent frame instead of 85, so its generator stages take hours on a CPU
     "toy-d4": dict(down=4, z_channels=8, scales="1,2,3,4,6,8,12,16", tok_steps=4000, eval_every=1000),
