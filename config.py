@@ -192,9 +192,10 @@ PRESETS = {
                 image_frac=0.33, eval_every=1000),
     # the toy's data, model and tokenizer with the budget paper A's model needs to draw digits anywhere: 8000 ar
     # steps (4000 x 32 single frames, 4000 x 8 clips: semantic 0.81, first frame 0.86; 4000 steps in all: 0.71);
-    # every stage, DMD too, in 54 minutes on 2 cores (docs/RESULTS.md, 2026-12-07, tenth session)
+    # every stage, DMD too, in 54 minutes on 2 cores (docs/RESULTS.md, 2026-12-07, tenth session, with 2000 student
+    # steps: 4000 lift the student 0.575 -> 0.734 and cost ~2.5 more minutes; twelfth session)
     "small": dict(num_digits=1, speed=1.5, tok_steps=3000, ar_steps=8000, ar_batch=8, fm_steps=12000,
-                  causal_steps=2000, dmd_steps=400, dmd_cfg=6.0, image_frac=0.5, eval_every=1000),
+                  causal_steps=4000, dmd_steps=400, dmd_cfg=6.0, image_frac=0.5, eval_every=1000),
     # the toy run with a 4x-compression tokenizer: 28.1 / 24.4 dB in 243 s (docs/RESULTS.md, "Up to 2026-11-24"),
     # but 530 tokens per latent frame instead of 85, so its generator stages take hours on a CPU
     "toy-d4": dict(down=4, z_channels=8, scales="1,2,3,4,6,8,12,16", tok_steps=4000, eval_every=1000),
